@@ -10,6 +10,7 @@ from __future__ import annotations
 
 __all__ = [
     "EmptyParametersError",
+    "InvalidContextError",
     "InvalidHyperparameterError",
     "InvalidLossesError",
     "MissingContextError",
@@ -56,6 +57,11 @@ class EmptyParametersError(PolytaskError, ValueError):
 
 class MissingContextError(PolytaskError, TypeError):
     """A method needs context (KPIs, validation losses, ...) that was not passed."""
+
+
+class InvalidContextError(PolytaskError, ValueError):
+    """A context value passed to ``backward(**ctx)`` has the wrong type, shape or range,
+    or its key is not a known context key."""
 
 
 class SolverError(PolytaskError, RuntimeError):

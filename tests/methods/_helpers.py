@@ -11,14 +11,15 @@ import torch
 from torch import nn
 
 import polytask
-
-# Context that methods declaring `needs` receive in the shared suites. A method whose needs
-# are not listed here fails the suite with a KeyError that names it, so a new need is noticed.
-CTX_FACTORIES: dict[str, Any] = {}
+from polytask.methods.context import CONTEXT
 
 
 def method_ctx(method: polytask.methods.Method, k: int) -> dict[str, Any]:
-    return {key: CTX_FACTORIES[key](k) for key in method.needs}
+    """The declared example value of every context key ``method`` needs."""
+    ctx = {key: CONTEXT[key].example(k) for key in method.needs}
+    missing = [key for key, value in ctx.items() if value is None]
+    assert not missing, f"the shared suites cannot build {missing} for {type(method).__name__}"
+    return ctx
 
 
 def make(name: str, k: int, **kw: Any) -> polytask.methods.Method:

@@ -11,6 +11,7 @@ from torch import nn
 import polytask
 from polytask.errors import (
     EmptyParametersError,
+    InvalidContextError,
     InvalidLossesError,
     MissingContextError,
     PolytaskError,
@@ -161,8 +162,30 @@ def test_missing_context_is_named():
     with pytest.raises(MissingContextError, match="kpis"):
         m.backward(losses, shared_params=problem.shared())
     m.backward(losses, shared_params=problem.shared(), kpis=[0.5, 0.5])
-    assert m.seen_ctx["kpis"] == [0.5, 0.5]
+    # The method sees the checked value: a detached tensor of shape [K].
+    assert m.seen_ctx["kpis"].tolist() == [0.5, 0.5]
     assert len(m.seen_ctx["param_sizes"]) == len(problem.shared())
+
+
+def test_context_is_checked_before_the_method_sees_it():
+    problem = tiny_problem(2)
+    losses, _ = problem.forward()
+    m = _MeanWithKpis(2)
+    with pytest.raises(InvalidContextError, match=r"kpis must have shape \(2,\)"):
+        m.backward(losses, shared_params=problem.shared(), kpis=[0.5, 0.5, 0.5])
+    with pytest.raises(InvalidContextError, match=r"must lie in \[0.0, 1.0\]"):
+        m.backward(losses, shared_params=problem.shared(), kpis=[0.5, 1.5])
+    with pytest.raises(InvalidContextError, match=r"unknown context key.*'kpi'"):
+        m.backward(losses, shared_params=problem.shared(), kpis=[0.5, 0.5], kpi=[1, 1])
+
+
+def test_partial_steps_are_refused_by_methods_that_do_not_support_them():
+    problem = tiny_problem(2)
+    losses, _ = problem.forward()
+    m = polytask.methods.create("mgda", 2)
+    assert not m.partial_tasks
+    with pytest.raises(InvalidContextError, match="only some tasks"):
+        m.backward(losses, shared_params=problem.shared(), present=torch.tensor([True, False]))
 
 
 def test_errors_share_a_base_class():

@@ -20,7 +20,7 @@ it defines one.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -30,11 +30,12 @@ from torch import Tensor, nn
 from polytask.autograd import JacobianEngine, accumulate_grads, gramian, leaves_reached
 from polytask.errors import (
     EmptyParametersError,
+    InvalidContextError,
     InvalidHyperparameterError,
     InvalidLossesError,
-    MissingContextError,
     NonFiniteError,
 )
+from polytask.methods.context import check_context
 
 Family = Literal["loss", "gramian", "jacobian"]
 Mode = Literal["params", "features"]
@@ -203,6 +204,8 @@ class Method(nn.Module):
     stochastic: ClassVar[bool] = False
     #: Smallest K the method is defined for.
     min_tasks: ClassVar[int] = 1
+    #: Whether ``backward`` accepts ``present=`` marking only some tasks (multi-input MTL).
+    partial_tasks: ClassVar[bool] = False
     #: The ``mode`` values :meth:`backward` supports.
     modes: ClassVar[frozenset[str]] = frozenset({"params", "features"})
 
@@ -251,7 +254,7 @@ class Method(nn.Module):
         shared_params: Any,
         mode: str,
         features: Tensor | None,
-        ctx: Mapping[str, Any],
+        ctx: dict[str, Any],
     ) -> tuple[Tensor, list[Tensor]]:
         """The checks every ``backward`` starts with; returns (losses, trainable shared)."""
         losses = check_losses(losses, self.num_tasks)
@@ -260,13 +263,26 @@ class Method(nn.Module):
         self._check_ctx(ctx)
         return losses, shared
 
-    def _check_ctx(self, ctx: Mapping[str, Any]) -> None:
-        missing = sorted(k for k in self.needs if ctx.get(k) is None)
-        if missing:
-            raise MissingContextError(
-                f"{type(self).__name__} needs {', '.join(missing)} passed to backward(...) "
-                f"as keyword argument(s); it got {sorted(ctx) or 'none'}"
+    def _check_ctx(self, ctx: dict[str, Any]) -> None:
+        # Checked in place: the method body sees validated tensors (detached, right shape).
+        ctx.update(check_context(ctx, self.needs, self.num_tasks, type(self).__name__))
+        present = ctx.get("present")
+        if present is not None and not bool(present.all()) and not self.partial_tasks:
+            raise InvalidContextError(
+                f"{type(self).__name__} does not support steps with only some tasks "
+                f"(present={present.tolist()}); use a method with partial_tasks=True "
+                "(polytask.methods.available() lists them in docs/methods.md) or sample "
+                "every task in each step"
             )
+
+    # -- hooks for the training loop ------------------------------------------------------
+    #: Whether :meth:`after_step` needs the losses recomputed after the optimizer step.
+    needs_losses_after_step: ClassVar[bool] = False
+
+    def after_step(self, losses: Tensor) -> None:
+        """Called after ``optimizer.step()`` with the losses of the same batch, recomputed
+        under ``torch.no_grad()``, by loops that see ``needs_losses_after_step`` (FAMO's
+        update uses the loss decrease of the step). A no-op for most methods."""
 
     def backward(  # type: ignore[override]
         self,

@@ -17,6 +17,7 @@ __all__ = [
     "NonFiniteError",
     "PolytaskError",
     "SolverError",
+    "UnknownArchitectureError",
     "UnknownHyperparameterError",
     "UnknownMethodError",
     "UnknownNameError",
@@ -29,6 +30,10 @@ class PolytaskError(Exception):
 
 class UnknownNameError(PolytaskError, ValueError):
     """A registry was asked for a name it does not hold."""
+
+
+class UnknownArchitectureError(UnknownNameError):
+    """``polytask.archs.create`` was given a name that is not registered."""
 
 
 class UnknownMethodError(UnknownNameError):

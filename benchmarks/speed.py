@@ -55,6 +55,7 @@ from torch import Tensor, nn
 import polytask
 from polytask.autograd import JacobianEngine, gramian, jacobian
 from polytask.methods import GradientMethod, GramianMethod, LossMethod
+from polytask.methods.context import CONTEXT
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -86,13 +87,15 @@ class Problem:
         for p in self.parameters():
             p.grad = None
 
-    def forward(self) -> tuple[Tensor, list[Tensor]]:
+    def forward(self, reduction: str = "mean") -> tuple[Tensor, list[Tensor]]:
         features = self.encoder(self.x)
-        return features, [self.loss(h(features), y) for h, y in zip(self.heads, self.ys)]
+        return features, [
+            self.loss(h(features), y, reduction=reduction) for h, y in zip(self.heads, self.ys)
+        ]
 
 
-def _bce(logits: Tensor, y: Tensor) -> Tensor:
-    return F.binary_cross_entropy_with_logits(logits.squeeze(1), y)
+def _bce(logits: Tensor, y: Tensor, reduction: str = "mean") -> Tensor:
+    return F.binary_cross_entropy_with_logits(logits.squeeze(1), y, reduction=reduction)
 
 
 def make_problem(model: str, k: int, *, quick: bool, seed: int = 0) -> Problem:
@@ -204,12 +207,27 @@ def _loop_step(p: Problem) -> Callable[[], None]:
 
 
 def _method_step(p: Problem, method: polytask.methods.Method, mode: str) -> Callable[[], None]:
+    """One step of ``method``, with the context it declares (its example values; per-sample
+    losses from the batch) and, where the method needs it, the forward after the step."""
     shared = p.shared()
+    fixed = {k: CONTEXT[k].example(p.num_tasks) for k in method.needs if k != "sample_losses"}
+    per_sample = "sample_losses" in method.needs
 
     def step() -> None:
         p.zero_grad()
-        features, losses = p.forward()
-        method.backward(torch.stack(losses), shared_params=shared, features=features, mode=mode)
+        ctx = dict(fixed)
+        if per_sample:
+            features, samples = p.forward(reduction="none")
+            ctx["sample_losses"] = samples
+            losses = [s.mean() for s in samples]
+        else:
+            features, losses = p.forward()
+        method.backward(
+            torch.stack(losses), shared_params=shared, features=features, mode=mode, **ctx
+        )
+        if method.needs_losses_after_step:
+            with torch.no_grad():
+                method.after_step(torch.stack(p.forward()[1]))
 
     return step
 
@@ -241,8 +259,6 @@ def polytask_rows(
             row = Row(label, "polytask", mode, step=lambda: None)
             if p.num_tasks < cls.min_tasks:
                 row.error = f"n/a (needs K >= {cls.min_tasks})"
-            elif cls.needs:
-                row.error = f"n/a (needs {', '.join(sorted(cls.needs))})"
             else:
                 try:
                     strategy = strategies.get("features" if mode == "features" else "params")

@@ -8,11 +8,11 @@ optimizers (``polytask.optim``).
 
 from importlib.metadata import PackageNotFoundError, version
 
-from polytask import archs, autograd, errors, methods, optim, solvers
+from polytask import archs, autograd, errors, methods, optim, results, solvers
 
 try:
     __version__ = version("polytask")
 except PackageNotFoundError:  # running from a source tree without installation
     __version__ = "0.0.0+unknown"
 
-__all__ = ["__version__", "archs", "autograd", "errors", "methods", "optim", "solvers"]
+__all__ = ["__version__", "archs", "autograd", "errors", "methods", "optim", "results", "solvers"]

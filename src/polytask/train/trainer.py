@@ -1,0 +1,554 @@
+"""The training loop: any model, any balancing method, any optimizer; exact resume.
+
+The trainer owns the loop (data -> model -> task losses -> ``method.backward`` -> optimizer),
+evaluates on validation and test after every epoch, selects the model on validation only and
+reports test at the selected epoch. A checkpoint holds the model, optimizer, scheduler,
+method state, sampler position and RNG states, so a killed run resumed from its last
+checkpoint ends with the same numbers as an uninterrupted one (on CPU, where the kernels are
+deterministic).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from polytask.methods import Method
+from polytask.methods.context import CONTEXT
+from polytask.results import delta_m
+from polytask.tasks import SplitMetrics, TaskSet
+from polytask.tasks.losses import has_labels
+from polytask.train.checkpoint import (
+    get_rng_state,
+    load_checkpoint,
+    save_checkpoint,
+    seed_everything,
+    set_rng_state,
+)
+from polytask.train.logger import JsonlLogger
+from polytask.train.sampler import ResumableBatchSampler
+
+__all__ = ["TrainConfig", "TrainResult", "Trainer"]
+
+Precision = Literal["fp32", "bf16"]
+#: Context keys the trainer supplies itself; others come from ``context_fn``.
+_SUPPLIED = frozenset({"epoch", "val_losses", "kpis", "present"})
+
+
+@dataclass
+class TrainConfig:
+    """The recipe of one run.
+
+    Attributes:
+        epochs: passes over the training set.
+        batch_size: training batch size; ``eval_batch_size`` defaults to it.
+        mode: ``"params"`` balances the shared parameters' gradients, ``"features"`` the
+            shared representation's (needs a model with ``encode``/``decode``).
+        precision: ``"fp32"`` or ``"bf16"`` (autocast on CPU and GPU; bf16 has fp32's range,
+            so gradient methods need no loss scaling).
+        grad_clip: clip the global gradient norm to this value after balancing.
+        accumulate: micro-batches per optimizer step; each micro-batch is balanced by the
+            method on its own and the directions are summed (exact for loss weightings).
+        scheduler_interval: step the LR scheduler every ``"epoch"`` or every ``"step"``.
+        select: model selection on validation: ``"delta_m"`` (against ``baselines`` when
+            given, else against the first validation scores of this run), ``"loss"`` (sum of
+            validation losses) or one ``"task/metric"`` name.
+        kpi_metrics: for methods that need KPIs (DTP): task -> the ``"task/metric"`` in [0, 1]
+            (higher is better) whose latest validation value is the task's KPI.
+        checkpoint_every: also checkpoint every this many optimizer steps (besides each epoch).
+        seed: seeds the model's RNG streams, the data order and the method.
+        device: ``"cpu"`` or ``"cuda"`` etc.
+        num_workers: DataLoader workers.
+        progress: show rich progress bars.
+        tensorboard: mirror the log to TensorBoard under ``out_dir/tb``.
+    """
+
+    epochs: int = 1
+    batch_size: int = 32
+    eval_batch_size: int | None = None
+    mode: Literal["params", "features"] = "params"
+    precision: Precision = "fp32"
+    grad_clip: float | None = None
+    accumulate: int = 1
+    scheduler_interval: Literal["epoch", "step"] = "epoch"
+    select: str = "delta_m"
+    kpi_metrics: dict[str, str] | None = None
+    checkpoint_every: int | None = None
+    seed: int = 0
+    device: str = "cpu"
+    num_workers: int = 0
+    progress: bool = False
+    tensorboard: bool = False
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"epochs={self.epochs} must be at least 1")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size={self.batch_size} must be positive")
+        if self.mode not in ("params", "features"):
+            raise ValueError(f"mode={self.mode!r} must be 'params' or 'features'")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(
+                f"precision={self.precision!r} must be 'fp32' or 'bf16' (fp16 needs loss "
+                "scaling inside the gradient methods, which polytask does not do yet; bf16 has "
+                "the range of fp32 and needs none)"
+            )
+        if self.accumulate < 1:
+            raise ValueError(f"accumulate={self.accumulate} must be at least 1")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"grad_clip={self.grad_clip} must be positive (or None)")
+        if self.scheduler_interval not in ("epoch", "step"):
+            raise ValueError(f"scheduler_interval={self.scheduler_interval!r}: 'epoch' or 'step'")
+
+
+@dataclass
+class TrainResult:
+    """What :meth:`Trainer.fit` returns.
+
+    Attributes:
+        best_epoch: the epoch (1-based) selected on validation.
+        val: validation metrics at ``best_epoch``.
+        test: test metrics at ``best_epoch`` (empty without a test set).
+        history: one dict per epoch: ``epoch``, ``val``, ``test``, ``val_losses``,
+            ``train_losses`` and ``score`` (the selection score, lower is better).
+        wall_time: seconds spent in :meth:`Trainer.fit` (this process only).
+    """
+
+    best_epoch: int
+    val: dict[str, float]
+    test: dict[str, float]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    wall_time: float = 0.0
+
+
+def _progress(enabled: bool) -> Any:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    return Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        disable=not enabled,
+        transient=True,
+    )
+
+
+class _Interrupt(Exception):
+    """Raised by ``stop_after_steps`` to simulate a killed run in tests."""
+
+
+class Trainer:
+    """Train ``model`` on ``tasks`` with a balancing ``method``.
+
+    Args:
+        model: returns ``{task: output}`` from a batch's inputs (a
+            :class:`polytask.archs.MultiTaskModel` or any module with that behaviour).
+        tasks: the tasks' losses and metrics.
+        method: a :class:`polytask.methods.Method` (``polytask.methods.create(...)``).
+        optimizer: ``optimizer(params) -> torch.optim.Optimizer``, called with the model's
+            and the method's parameters (UW's log-variances, IMTL-L's scales, ...).
+        train, val, test: map-style data sets whose items are ``(inputs, {task: target})``.
+        config: the recipe (:class:`TrainConfig`).
+        scheduler: ``scheduler(optimizer) -> LRScheduler`` (optional).
+        shared_params: the parameters to balance; default ``model.shared_parameters()``.
+        baselines: single-task validation scores (``"task/metric"`` -> value) for Δm-based
+            selection; default: this run's first validation scores.
+        context_fn: ``context_fn(inputs, targets, outputs) -> dict`` for context keys the
+            trainer cannot supply itself (e.g. ``sample_losses``).
+        out_dir: where ``last.pt`` (checkpoint) and ``log.jsonl`` go; ``None`` keeps nothing.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tasks: TaskSet,
+        method: Method,
+        optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer],
+        train: Dataset,
+        val: Dataset,
+        test: Dataset | None = None,
+        *,
+        config: TrainConfig | None = None,
+        scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
+        shared_params: Callable[[nn.Module], Iterable[nn.Parameter]] | None = None,
+        baselines: dict[str, float] | None = None,
+        context_fn: Callable[..., dict[str, Any]] | None = None,
+        out_dir: str | Path | None = None,
+    ) -> None:
+        self.config = config = config or TrainConfig()
+        if not isinstance(method, Method):
+            raise TypeError(
+                f"method must be a polytask Method, got {type(method).__name__}; build one with "
+                "polytask.methods.create(name, num_tasks)"
+            )
+        if method.num_tasks != len(tasks):
+            raise ValueError(
+                f"the method was created for {method.num_tasks} tasks but there are "
+                f"{len(tasks)} tasks ({tasks.names})"
+            )
+        if config.mode == "features" and not getattr(model, "has_shared_representation", False):
+            raise ValueError(
+                f"mode='features' needs a model with encode/decode (a MultiTaskModel with "
+                f"has_shared_representation); {type(model).__name__} has none: use mode='params'"
+            )
+        self.needs_extra = sorted(set(method.needs) - _SUPPLIED)
+        if self.needs_extra and context_fn is None:
+            raise ValueError(
+                f"{type(method).__name__} needs {self.needs_extra}, which the trainer cannot "
+                "compute itself; pass context_fn=lambda inputs, targets, outputs: {...}"
+            )
+        if "kpis" in method.needs:
+            missing = [t for t in tasks.names if t not in (config.kpi_metrics or {})]
+            if missing:
+                raise ValueError(
+                    f"{type(method).__name__} needs KPIs: set TrainConfig.kpi_metrics to map "
+                    f"every task to a validation metric in [0, 1]; missing {missing}"
+                )
+        self.device = torch.device(config.device)
+        self.model = model.to(self.device)
+        self.tasks = tasks
+        self.method = method.to(self.device)
+        params = list(self.model.parameters()) + list(self.method.parameters())
+        self.optimizer = optimizer(params)
+        self._check_optimizer_holds(self.method.parameters())
+        self.scheduler = scheduler(self.optimizer) if scheduler is not None else None
+        self._shared_fn = shared_params
+        self.baselines = baselines
+        self.context_fn = context_fn
+        self.out_dir = None if out_dir is None else Path(out_dir)
+        self.sampler = ResumableBatchSampler(
+            len(train), config.batch_size, shuffle=True, seed=config.seed
+        )
+        # The loader draws its workers' base seed from this generator, not from the global
+        # RNG (which dropout uses): reseeded per epoch, a resumed run sees the same streams.
+        self._loader_rng = torch.Generator()
+        self.train_loader = DataLoader(
+            train,
+            batch_sampler=self.sampler,
+            num_workers=config.num_workers,
+            generator=self._loader_rng,
+        )
+        eval_bs = config.eval_batch_size or config.batch_size
+        self.eval_loaders = {
+            split: DataLoader(ds, batch_size=eval_bs, shuffle=False, num_workers=config.num_workers)
+            for split, ds in (("val", val), ("test", test))
+            if ds is not None
+        }
+        self.step = 0
+        self.epoch = 0  # completed epochs
+        self.position = 0  # batches of the current epoch already trained on
+        self._loss_sums: list[float] = [0.0] * len(tasks)  # this epoch's training losses
+        self._loss_count = 0
+        self._steps_here = 0
+        self.history: list[dict[str, Any]] = []
+        self.reference: dict[str, float] | None = baselines
+        self.latest_val: dict[str, Any] | None = None
+        self.logger = JsonlLogger(
+            None if self.out_dir is None else self.out_dir / "log.jsonl",
+            self.out_dir / "tb" if (config.tensorboard and self.out_dir) else None,
+        )
+
+    # -- helpers -------------------------------------------------------------------------
+    def _check_optimizer_holds(self, params: Iterable[nn.Parameter]) -> None:
+        held = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
+        missing = [tuple(p.shape) for p in params if p.requires_grad and id(p) not in held]
+        if missing:
+            raise ValueError(
+                f"the optimizer does not hold the method's parameters of shapes {missing}; "
+                "build it from the params the trainer passes to optimizer(params)"
+            )
+
+    def shared_params(self) -> list[nn.Parameter]:
+        if self._shared_fn is not None:
+            return list(self._shared_fn(self.model))
+        if hasattr(self.model, "shared_parameters"):
+            return list(self.model.shared_parameters())
+        raise ValueError(
+            f"{type(self.model).__name__} has no shared_parameters(); pass "
+            "shared_params=lambda model: model.encoder.parameters()"
+        )
+
+    def _autocast(self):
+        if self.config.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _to_device(self, value: Any) -> Any:
+        if isinstance(value, Tensor):
+            return value.to(self.device, non_blocking=True)
+        if isinstance(value, dict):
+            return {k: self._to_device(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(self._to_device(v) for v in value)
+        return value
+
+    def _present(self, targets: dict[str, Tensor]) -> Tensor:
+        return torch.tensor(
+            [
+                name in targets and has_labels(targets[name], kind=task.label_kind)
+                for name, task in zip(self.tasks.names, self.tasks)
+            ],
+            dtype=torch.bool,
+        )
+
+    def _context(self, inputs: Any, targets: Any, outputs: Any, present: Tensor) -> dict:
+        needs = self.method.needs
+        ctx: dict[str, Any] = {}
+        if "epoch" in needs:
+            ctx["epoch"] = self.epoch
+        if "val_losses" in needs:
+            assert self.latest_val is not None
+            ctx["val_losses"] = torch.tensor(self.latest_val["losses"])
+        if "kpis" in needs:
+            assert self.latest_val is not None and self.config.kpi_metrics is not None
+            values = [
+                self.latest_val["metrics"][self.config.kpi_metrics[t]] for t in self.tasks.names
+            ]
+            ctx["kpis"] = torch.tensor(values)
+        if not bool(present.all()):
+            ctx["present"] = present
+        if self.context_fn is not None:
+            extra = self.context_fn(inputs, targets, outputs)
+            unknown = sorted(set(extra) - set(CONTEXT))
+            if unknown:
+                raise ValueError(f"context_fn returned unknown context keys {unknown}")
+            ctx.update(extra)
+        return ctx
+
+    # -- the loop ------------------------------------------------------------------------
+    def _forward_losses(self, inputs: Any, targets: dict[str, Tensor]):
+        with self._autocast():
+            if self.config.mode == "features":
+                features = self.model.encode(inputs)
+                outputs = self.model.decode(features)
+            else:
+                features, outputs = None, self.model(inputs)
+            losses = torch.stack([loss.float() for loss in self.tasks.losses(outputs, targets)])
+        return features, outputs, losses
+
+    def _train_step(self, batch: Any, first_micro: bool, last_micro: bool) -> dict[str, Any]:
+        inputs, targets = self._to_device(batch)
+        if first_micro:
+            self.optimizer.zero_grad(set_to_none=True)
+        features, outputs, losses = self._forward_losses(inputs, targets)
+        present = self._present(targets)
+        ctx = self._context(inputs, targets, outputs, present)
+        result = self.method.backward(
+            losses,
+            shared_params=self.shared_params(),
+            features=features,
+            mode=self.config.mode,
+            **ctx,
+        )
+        aux = self.model.aux_loss() if hasattr(self.model, "aux_loss") else None
+        if aux is not None:
+            aux.backward()
+        if last_micro:
+            if self.config.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+            self.optimizer.step()
+            self.step += 1
+            if self.scheduler is not None and self.config.scheduler_interval == "step":
+                self.scheduler.step()
+            if self.method.needs_losses_after_step:
+                with torch.no_grad():
+                    _, _, after = self._forward_losses(inputs, targets)
+                self.method.after_step(after)
+        return {
+            "losses": losses.detach(),
+            "weights": None if result.weights is None else result.weights.detach(),
+            "aux": None if aux is None else float(aux.detach()),
+        }
+
+    @torch.no_grad()
+    def evaluate(self, split: str) -> dict[str, Any]:
+        """Metrics and mean task losses on ``split`` ("val" or "test")."""
+        loader = self.eval_loaders[split]
+        metrics = SplitMetrics(self.tasks).to(self.device)
+        was_training = self.model.training
+        self.model.eval()
+        totals = torch.zeros(len(self.tasks), dtype=torch.float64)
+        batches = 0
+        for batch in loader:
+            inputs, targets = self._to_device(batch)
+            with self._autocast():
+                outputs = self.model(inputs)
+                losses = self.tasks.losses(outputs, targets)
+            totals += torch.tensor([float(v) for v in losses], dtype=torch.float64)
+            batches += 1
+            metrics.update({k: v.float() for k, v in outputs.items()}, targets)
+        self.model.train(was_training)
+        return {"metrics": metrics.compute(), "losses": (totals / max(batches, 1)).tolist()}
+
+    def _score(self, val: dict[str, Any]) -> float:
+        select = self.config.select
+        if select == "loss":
+            return float(sum(val["losses"]))
+        if select == "delta_m":
+            assert self.reference is not None
+            return delta_m(val["metrics"], self.reference, self.tasks.directions)
+        directions = self.tasks.directions
+        if select not in directions:
+            raise ValueError(
+                f"select={select!r} is not 'delta_m', 'loss' or one of the metrics "
+                f"{sorted(directions)}"
+            )
+        value = val["metrics"][select]
+        return -value if directions[select] else value
+
+    def _checkpoint(self) -> None:
+        if self.out_dir is None:
+            return
+        save_checkpoint(
+            self.out_dir / "last.pt",
+            {
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
+                "method": self.method.state_dict(),
+                "sampler": {**self.sampler.state_dict(), "position": self.position},
+                "rng": get_rng_state(),
+                "step": self.step,
+                "epoch": self.epoch,
+                "history": self.history,
+                "reference": self.reference,
+                "latest_val": self.latest_val,
+                "epoch_losses": (self._loss_sums, self._loss_count),
+            },
+        )
+
+    def resume(self) -> bool:
+        """Load ``out_dir/last.pt`` if it exists; return whether a run was resumed."""
+        if self.out_dir is None or not (self.out_dir / "last.pt").is_file():
+            return False
+        state = load_checkpoint(self.out_dir / "last.pt", map_location=self.device)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.method.load_state_dict(state["method"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.position = self.sampler.position
+        set_rng_state(state["rng"])
+        self.step, self.epoch = state["step"], state["epoch"]
+        self.history, self.reference = state["history"], state["reference"]
+        self.latest_val = state["latest_val"]
+        self._loss_sums, self._loss_count = state["epoch_losses"]
+        self.logger.log("resume", step=self.step, epoch=self.epoch)
+        return True
+
+    def fit(self, *, resume: bool = False, stop_after_steps: int | None = None) -> TrainResult:
+        """Train for ``config.epochs`` epochs (continuing a checkpoint with ``resume``).
+
+        ``stop_after_steps`` stops after that many optimizer steps of this call, leaving the
+        checkpoint behind, as a killed run would (the tests use it).
+        """
+        start = time.perf_counter()
+        resumed = self.resume() if resume else False
+        if not resumed and self.step == 0:
+            # The run owns the global RNG streams (dropout, augmentation) from here on.
+            seed_everything(self.config.seed)
+        needs_val_first = bool({"val_losses", "kpis"} & set(self.method.needs))
+        if self.latest_val is None and (needs_val_first or self.config.select == "delta_m"):
+            self.latest_val = self.evaluate("val")
+            if self.reference is None and self.config.select == "delta_m":
+                self.reference = dict(self.latest_val["metrics"])
+                bad = [k for k, v in self.reference.items() if not math.isfinite(v) or v == 0]
+                if bad:
+                    raise ValueError(
+                        f"cannot select on Δm against the first validation scores: {bad} are 0 "
+                        "or undefined; pass baselines= or TrainConfig(select='loss')"
+                    )
+            self.logger.log("eval", split="val", epoch=0, step=self.step, **self.latest_val)
+        steps_here = 0
+        self.model.train()
+        progress = _progress(self.config.progress)
+        try:
+            with progress:
+                epochs_bar = progress.add_task(
+                    "epochs", total=self.config.epochs, completed=self.epoch
+                )
+                while self.epoch < self.config.epochs:
+                    self._run_epoch(progress, stop_after_steps, steps_here)
+                    steps_here = self._steps_here
+                    progress.update(epochs_bar, completed=self.epoch)
+        except _Interrupt:
+            self.logger.log("interrupted", step=self.step, epoch=self.epoch)
+        return self._result(time.perf_counter() - start)
+
+    def _run_epoch(self, progress: Any, stop_after_steps: int | None, steps_here: int) -> None:
+        self._steps_here = steps_here
+        self.sampler.epoch = self.epoch
+        self.sampler.position = self.position
+        self._loader_rng.manual_seed(self.config.seed * 1_000_003 + self.epoch)
+        n_batches = len(self.sampler)
+        bar = progress.add_task(f"epoch {self.epoch + 1}", total=n_batches, completed=self.position)
+        if self.position == 0:
+            self._loss_sums = [0.0] * len(self.tasks)
+            self._loss_count = 0
+        for batch in self.train_loader:
+            # A step closes after `accumulate` micro-batches or at the epoch's last batch.
+            index = self.position
+            first = index % self.config.accumulate == 0
+            last = (index + 1) % self.config.accumulate == 0 or index + 1 == n_batches
+            out = self._train_step(batch, first, last)
+            self.position += 1
+            self._loss_sums = [a + b for a, b in zip(self._loss_sums, out["losses"].tolist())]
+            self._loss_count += 1
+            progress.update(bar, advance=1)
+            if not last:
+                continue
+            self._steps_here += 1
+            self.logger.log("step", step=self.step, epoch=self.epoch + 1, **out)
+            every = self.config.checkpoint_every
+            if every and self.step % every == 0:
+                self._checkpoint()
+            if stop_after_steps is not None and self._steps_here >= stop_after_steps:
+                self._checkpoint()
+                raise _Interrupt
+        progress.remove_task(bar)
+        self.position = 0
+        self._end_epoch([v / max(self._loss_count, 1) for v in self._loss_sums])
+
+    def _end_epoch(self, train_losses: Sequence[float]) -> None:
+        self.epoch += 1
+        if self.scheduler is not None and self.config.scheduler_interval == "epoch":
+            self.scheduler.step()
+        val = self.evaluate("val")
+        self.latest_val = val
+        test = self.evaluate("test") if "test" in self.eval_loaders else None
+        record = {
+            "epoch": self.epoch,
+            "train_losses": list(train_losses),
+            "val": val["metrics"],
+            "val_losses": val["losses"],
+            "test": {} if test is None else test["metrics"],
+            "score": self._score(val),
+        }
+        self.history.append(record)
+        self.logger.log("eval", split="val", epoch=self.epoch, step=self.step, **val)
+        if test is not None:
+            self.logger.log("eval", split="test", epoch=self.epoch, step=self.step, **test)
+        self._checkpoint()
+
+    def _result(self, wall: float) -> TrainResult:
+        if not self.history:
+            return TrainResult(best_epoch=0, val={}, test={}, history=[], wall_time=wall)
+        best = min(self.history, key=lambda r: (r["score"], r["epoch"]))
+        return TrainResult(
+            best_epoch=best["epoch"],
+            val=best["val"],
+            test=best["test"],
+            history=list(self.history),
+            wall_time=wall,
+        )

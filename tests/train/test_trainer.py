@@ -75,14 +75,20 @@ def test_deterministic_under_seed():
 def test_accumulation_averages_micro_batches():
     # EW on the mean losses: two micro-batches of 4 == one batch of 8 (no dropout in eval of
     # gradients: make the model deterministic by switching dropout off).
+    # SGD, not Adam: Adam's update hardly depends on the gradient's scale.
     def run(**cfg):
         t = make_trainer("ew", epochs=1, **cfg)
         t.model.encoder[2].p = 0.0
+        t.optimizer = torch.optim.SGD(t.model.parameters(), lr=0.1)
+        t.scheduler = None
         t.fit()
         return params_of(t)
 
-    for x, y in zip(run(batch_size=8), run(batch_size=4, accumulate=2)):
+    plain = run(batch_size=8)
+    for x, y in zip(plain, run(batch_size=4, accumulate=2)):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+    # 40 samples in batches of 3 with accumulate 3: 14 micro-batches, the last group of 2.
+    assert any(not torch.equal(x, y) for x, y in zip(plain, run(batch_size=3, accumulate=3)))
 
 
 def test_log_records_losses_and_weights(tmp_path):

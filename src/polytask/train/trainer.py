@@ -336,7 +336,9 @@ class Trainer:
             losses = torch.stack([loss.float() for loss in self.tasks.losses(outputs, targets)])
         return features, outputs, losses
 
-    def _train_step(self, batch: Any, first_micro: bool, last_micro: bool) -> dict[str, Any]:
+    def _train_step(
+        self, batch: Any, first_micro: bool, last_micro: bool, micro_batches: int = 1
+    ) -> dict[str, Any]:
         inputs, targets = self._to_device(batch)
         if first_micro:
             self.optimizer.zero_grad(set_to_none=True)
@@ -354,6 +356,13 @@ class Trainer:
         if aux is not None:
             aux.backward()
         if last_micro:
+            if micro_batches > 1:
+                # The mean of the micro-batches' directions, as one batch of the union would
+                # give for a loss weighting of mean losses.
+                for group in self.optimizer.param_groups:
+                    for p in group["params"]:
+                        if p.grad is not None:
+                            p.grad.div_(micro_batches)
             if self.config.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
             self.optimizer.step()
@@ -501,7 +510,8 @@ class Trainer:
             index = self.position
             first = index % self.config.accumulate == 0
             last = (index + 1) % self.config.accumulate == 0 or index + 1 == n_batches
-            out = self._train_step(batch, first, last)
+            group = index % self.config.accumulate + 1
+            out = self._train_step(batch, first, last, group)
             self.position += 1
             self._loss_sums = [a + b for a, b in zip(self._loss_sums, out["losses"].tolist())]
             self._loss_count += 1

@@ -61,6 +61,7 @@ _SCHEMA = [
         split TEXT NOT NULL,
         metrics TEXT NOT NULL,
         losses TEXT,
+        extra TEXT,
         PRIMARY KEY (run_id, epoch, split)
     )""",
 ]
@@ -254,14 +255,24 @@ class ResultsStore:
         split: str,
         metrics: Mapping[str, float],
         losses: list[float] | None = None,
+        *,
+        extra: Mapping[str, Any] | None = None,
     ) -> None:
-        """Record one split's metrics after ``epoch`` (replacing a row a resumed run redoes)."""
+        """Record one split's metrics after ``epoch`` (replacing a row a resumed run redoes);
+        ``extra`` holds anything else per epoch (training losses, mean task weights)."""
         with self._connect() as conn:
             conn.execute(
-                "INSERT INTO epochs (run_id, epoch, split, metrics, losses) VALUES (?, ?, ?, ?, ?) "
-                "ON CONFLICT (run_id, epoch, split) DO UPDATE SET metrics = excluded.metrics, "
-                "losses = excluded.losses",
-                (run_id, epoch, split, _dumps(dict(metrics)), _dumps(losses)),
+                "INSERT INTO epochs (run_id, epoch, split, metrics, losses, extra) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (run_id, epoch, split) DO UPDATE SET "
+                "metrics = excluded.metrics, losses = excluded.losses, extra = excluded.extra",
+                (
+                    run_id,
+                    epoch,
+                    split,
+                    _dumps(dict(metrics)),
+                    _dumps(losses),
+                    None if extra is None else _dumps(dict(extra)),
+                ),
             )
 
     def finish(
@@ -342,7 +353,7 @@ class ResultsStore:
         return out
 
     def epochs(self, run_id: int, split: str | None = None) -> list[dict[str, Any]]:
-        sql = "SELECT epoch, split, metrics, losses FROM epochs WHERE run_id = ?"
+        sql = "SELECT epoch, split, metrics, losses, extra FROM epochs WHERE run_id = ?"
         args: tuple[Any, ...] = (run_id,)
         if split is not None:
             sql += " AND split = ?"
@@ -350,8 +361,14 @@ class ResultsStore:
         with self._connect() as conn:
             rows = conn.execute(sql + " ORDER BY epoch, split", args).fetchall()
         return [
-            {"epoch": e, "split": s, "metrics": _loads(m), "losses": _loads(loss)}
-            for e, s, m, loss in rows
+            {
+                "epoch": e,
+                "split": s,
+                "metrics": _loads(m),
+                "losses": _loads(loss),
+                "extra": _loads(x),
+            }
+            for e, s, m, loss, x in rows
         ]
 
 

@@ -119,7 +119,8 @@ class TrainResult:
         val: validation metrics at ``best_epoch``.
         test: test metrics at ``best_epoch`` (empty without a test set).
         history: one dict per epoch: ``epoch``, ``val``, ``test``, ``val_losses``,
-            ``train_losses`` and ``score`` (the selection score, lower is better).
+            ``train_losses``, ``weights`` (the method's mean task weights over the epoch, or
+            ``None``) and ``score`` (the selection score, lower is better).
         wall_time: seconds spent in :meth:`Trainer.fit` (this process only).
     """
 
@@ -249,6 +250,10 @@ class Trainer:
         self.position = 0  # batches of the current epoch already trained on
         self._loss_sums: list[float] = [0.0] * len(tasks)  # this epoch's training losses
         self._loss_count = 0
+        self._weight_sums: list[float] | None = None  # and the method's weights
+        self._weight_count = 0
+        #: Called with each epoch's record (the runner writes it to the results store).
+        self.on_epoch: Callable[[dict[str, Any]], None] | None = None
         self._steps_here = 0
         self.history: list[dict[str, Any]] = []
         self.reference: dict[str, float] | None = baselines
@@ -433,6 +438,7 @@ class Trainer:
                 "reference": self.reference,
                 "latest_val": self.latest_val,
                 "epoch_losses": (self._loss_sums, self._loss_count),
+                "epoch_weights": (self._weight_sums, self._weight_count),
             },
         )
 
@@ -453,6 +459,7 @@ class Trainer:
         self.history, self.reference = state["history"], state["reference"]
         self.latest_val = state["latest_val"]
         self._loss_sums, self._loss_count = state["epoch_losses"]
+        self._weight_sums, self._weight_count = state["epoch_weights"]
         self.logger.log("resume", step=self.step, epoch=self.epoch)
         return True
 
@@ -505,6 +512,7 @@ class Trainer:
         if self.position == 0:
             self._loss_sums = [0.0] * len(self.tasks)
             self._loss_count = 0
+            self._weight_sums, self._weight_count = None, 0
         for batch in self.train_loader:
             # A step closes after `accumulate` micro-batches or at the epoch's last batch.
             index = self.position
@@ -514,6 +522,10 @@ class Trainer:
             out = self._train_step(batch, first, last, group)
             self.position += 1
             self._loss_sums = [a + b for a, b in zip(self._loss_sums, out["losses"].tolist())]
+            if out["weights"] is not None:
+                w = out["weights"].tolist()
+                self._weight_sums = [a + b for a, b in zip(self._weight_sums or [0.0] * len(w), w)]
+                self._weight_count += 1
             self._loss_count += 1
             progress.update(bar, advance=1)
             if not last:
@@ -544,8 +556,13 @@ class Trainer:
             "val_losses": val["losses"],
             "test": {} if test is None else test["metrics"],
             "score": self._score(val),
+            "weights": None
+            if self._weight_sums is None
+            else [v / self._weight_count for v in self._weight_sums],
         }
         self.history.append(record)
+        if self.on_epoch is not None:
+            self.on_epoch(record)
         self.logger.log("eval", split="val", epoch=self.epoch, step=self.step, **val)
         if test is not None:
             self.logger.log("eval", split="test", epoch=self.epoch, step=self.step, **test)

@@ -1,0 +1,187 @@
+"""Benchmarks: a data set, its tasks and metrics, the standard models and training recipe.
+
+A :class:`Benchmark` is everything ``polytask run NAME`` needs: the splits (``load``), the
+task specs (``tasks``), a model per architecture name (``model``), and the recipe of the
+paper that defined the setting (:class:`Recipe`). Benchmarks register by name in
+:data:`BENCHMARKS`; the modules that define them are imported on first use of the registry.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from polytask.errors import UnknownNameError
+from polytask.registry import Registry
+from polytask.tasks import TaskSet
+
+__all__ = ["BENCHMARKS", "Benchmark", "Recipe", "available", "get", "register"]
+
+
+class UnknownBenchmarkError(UnknownNameError):
+    """``polytask.data.benchmark.get`` was given a name that is not registered."""
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A training recipe. Every field can be overridden (``polytask run --set epochs=3``).
+
+    Attributes:
+        epochs, batch_size, eval_batch_size: as in :class:`polytask.train.TrainConfig`.
+        optimizer: ``"adam"``, ``"adamw"`` or ``"sgd"``; ``lr``, ``weight_decay`` and
+            ``momentum`` (SGD) its settings.
+        scheduler: ``None``, ``"step"`` (``step_size`` epochs, ``gamma``) or ``"cosine"``.
+        mode: ``"params"`` or ``"features"`` for the gradient methods.
+        select: model selection on validation (see :class:`polytask.train.TrainConfig`).
+    """
+
+    epochs: int = 10
+    batch_size: int = 256
+    eval_batch_size: int | None = None
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    scheduler: str | None = None
+    step_size: int = 10
+    gamma: float = 0.5
+    mode: str = "params"
+    select: str = "delta_m"
+
+    def override(self, values: Mapping[str, Any]) -> Recipe:
+        """A copy with ``values`` applied; an unknown key or a wrong type names itself."""
+        known = {f.name: f for f in fields(self)}
+        out = {}
+        for key, value in values.items():
+            if key not in known:
+                raise KeyError(f"unknown recipe key {key!r}; the recipe has {sorted(known)}")
+            current = getattr(self, key)
+            out[key] = _coerce(key, value, current)
+        return replace(self, **out)
+
+    def make_optimizer(self, params: Any) -> torch.optim.Optimizer:
+        params = list(params)
+        if self.optimizer == "adam":
+            return torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
+        if self.optimizer == "adamw":
+            return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        if self.optimizer == "sgd":
+            return torch.optim.SGD(
+                params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
+            )
+        raise ValueError(f"optimizer={self.optimizer!r} must be 'adam', 'adamw' or 'sgd'")
+
+    def make_scheduler(self, optimizer: torch.optim.Optimizer) -> Any:
+        if self.scheduler is None:
+            return None
+        if self.scheduler == "step":
+            return torch.optim.lr_scheduler.StepLR(optimizer, self.step_size, gamma=self.gamma)
+        if self.scheduler == "cosine":
+            return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.epochs)
+        raise ValueError(f"scheduler={self.scheduler!r} must be None, 'step' or 'cosine'")
+
+
+def _coerce(key: str, value: Any, current: Any) -> Any:
+    """``value`` as the type of the field's current value (from a CLI string or TOML)."""
+    if isinstance(value, str) and not isinstance(current, str):
+        text = value.strip()
+        if text.lower() in ("none", "null"):
+            return None
+        try:
+            if isinstance(current, bool):
+                if text.lower() not in ("true", "false"):
+                    raise ValueError
+                return text.lower() == "true"
+            if isinstance(current, int):
+                return int(text)
+            if isinstance(current, float):
+                return float(text)
+            if current is None:
+                return text
+        except ValueError:
+            raise TypeError(
+                f"recipe key {key!r} expects {type(current).__name__}, got {value!r}"
+            ) from None
+    if current is not None and value is not None:
+        expected = float if isinstance(current, float) else type(current)
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if not isinstance(value, expected) or isinstance(value, bool) != isinstance(current, bool):
+            raise TypeError(
+                f"recipe key {key!r} expects {expected.__name__}, got {value!r} "
+                f"({type(value).__name__})"
+            )
+    return value
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """A benchmark definition.
+
+    Attributes:
+        name: registry name (``polytask run NAME``).
+        summary: one line for ``polytask list benchmarks``.
+        source: the paper(s) the data, tasks and recipe come from.
+        tasks: builds the :class:`~polytask.tasks.TaskSet`.
+        load: ``load(seed=..., root=..., **options) -> {"train", "val", "test": Dataset}``.
+        model: ``model(arch, task_names) -> nn.Module`` returning ``{task: output}``; with a
+            single task name it is the single-task baseline network.
+        archs: architecture names ``model`` accepts; the first is the default.
+        recipe: the standard training recipe.
+        needs_root: whether the data must be on disk (``--root``), or ships with a package.
+    """
+
+    name: str
+    summary: str
+    source: str
+    tasks: Callable[[], TaskSet]
+    load: Callable[..., dict[str, Dataset]]
+    model: Callable[[str, Sequence[str]], nn.Module]
+    archs: tuple[str, ...]
+    recipe: Recipe = field(default_factory=Recipe)
+    needs_root: bool = False
+
+    def check_arch(self, arch: str | None) -> str:
+        if arch is None:
+            return self.archs[0]
+        if arch not in self.archs:
+            raise ValueError(
+                f"benchmark {self.name!r} has no architecture {arch!r}; it has {list(self.archs)}"
+            )
+        return arch
+
+
+BENCHMARKS: Registry[Benchmark] = Registry("benchmark", UnknownBenchmarkError)
+
+#: Modules that define benchmarks, imported when the registry is first used.
+_MODULES = ("polytask.data.synthetic_mmoe",)
+_loaded = False
+
+
+def _load_all() -> None:
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        for module in _MODULES:
+            importlib.import_module(module)
+
+
+def register(benchmark: Benchmark) -> Benchmark:
+    BENCHMARKS.register(benchmark.name)(benchmark)
+    return benchmark
+
+
+def available() -> list[str]:
+    _load_all()
+    return BENCHMARKS.available()
+
+
+def get(name: str) -> Benchmark:
+    _load_all()
+    return BENCHMARKS.get(name)

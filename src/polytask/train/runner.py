@@ -1,0 +1,270 @@
+"""Runs of registered benchmarks: multi-task runs, single-task baselines, the store.
+
+:func:`run` trains one (benchmark, architecture, method, seed) and records it in the results
+store; :func:`run_baselines` trains the single-task baselines the same way (one network per
+task, same backbone, recipe and seeds; method ``"stl"``); :func:`baseline_scores` averages
+them over seeds, which is what Δm is measured against.
+"""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+import traceback
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import polytask
+from polytask.data import benchmark as benchmarks
+from polytask.results.store import ResultsStore, RunSpec
+from polytask.tasks import TaskSet
+from polytask.train.trainer import TrainConfig, Trainer
+
+__all__ = ["STL", "baseline_scores", "run", "run_baselines"]
+
+#: The method name under which single-task baselines are stored.
+STL = "stl"
+
+_DATA_CACHE: dict[tuple[str, int, str | None, tuple], dict[str, Any]] = {}
+
+
+def _git_commit() -> str | None:
+    try:
+        root = Path(__file__).resolve().parents[3]
+        out = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def provenance() -> dict[str, Any]:
+    return {
+        "polytask_version": polytask.__version__,
+        "torch_version": torch.__version__,
+        "git_commit": _git_commit(),
+        "python": platform.python_version(),
+    }
+
+
+def _datasets(bench: benchmarks.Benchmark, root: str | None, options: Mapping[str, Any]):
+    key = (bench.name, 0, root, tuple(sorted(options.items())))
+    if key not in _DATA_CACHE:
+        _DATA_CACHE[key] = bench.load(root=root, **options)
+    return _DATA_CACHE[key]
+
+
+def _peak_memory_mb(device: torch.device) -> float | None:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    except ImportError:  # not on this platform
+        return None
+
+
+def run(
+    benchmark: str,
+    *,
+    method: str,
+    seed: int,
+    arch: str | None = None,
+    hparams: Mapping[str, Any] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    store: ResultsStore | None = None,
+    out_dir: str | Path | None = None,
+    device: str = "cpu",
+    root: str | None = None,
+    data_options: Mapping[str, Any] | None = None,
+    tasks_subset: Sequence[str] | None = None,
+    progress: bool = False,
+) -> dict[str, Any] | None:
+    """Train one run; return its record (``None`` when the store already holds it finished).
+
+    ``tasks_subset`` trains only those tasks (a single one: a single-task baseline, stored
+    with method ``"stl"``). Validation-based selection uses Δm against the stored
+    single-task baselines when they exist, else against this run's first validation scores.
+    """
+    bench = benchmarks.get(benchmark)
+    arch = bench.check_arch(arch)
+    recipe = bench.recipe.override(dict(overrides or {}))
+    hparams = dict(hparams or {})
+    data_options = dict(data_options or {})
+    all_tasks = bench.tasks()
+    names = list(tasks_subset) if tasks_subset else all_tasks.names
+    unknown = [t for t in names if t not in all_tasks.names]
+    if unknown:
+        raise ValueError(f"unknown task(s) {unknown} for {benchmark}; tasks: {all_tasks.names}")
+    tasks = TaskSet([t for t in all_tasks if t.name in names])
+    is_stl = method == STL
+    if is_stl and len(names) != 1:
+        raise ValueError("a single-task baseline trains exactly one task (tasks_subset=[task])")
+    recipe_dict = {**asdict(recipe), "data": data_options}
+    spec = RunSpec(
+        benchmark,
+        arch,
+        method,
+        seed,
+        {**hparams, **({"task": names[0]} if is_stl else {})},
+        recipe_dict,
+    )
+    if store is not None:
+        run_id = store.claim(spec, provenance=provenance())
+        if run_id is None:
+            return None
+    else:
+        run_id = None
+    try:
+        splits = _datasets(bench, root, data_options)
+        torch.manual_seed(seed)
+        model = bench.model(arch, names)
+        balancing = polytask.methods.create(
+            "ew" if is_stl else method,
+            len(names),
+            **({} if is_stl else _with_seed(method, hparams, seed)),
+        )
+        baselines = None
+        if store is not None and not is_stl:
+            baselines = baseline_scores(store, benchmark, arch, "val", names, recipe_dict) or None
+        config = TrainConfig(
+            epochs=recipe.epochs,
+            batch_size=recipe.batch_size,
+            eval_batch_size=recipe.eval_batch_size,
+            mode="params" if is_stl else recipe.mode,  # type: ignore[arg-type]
+            select=recipe.select,
+            seed=seed,
+            device=device,
+            progress=progress,
+        )
+        run_dir = None if out_dir is None else Path(out_dir) / spec.key
+        trainer = Trainer(
+            model,
+            tasks,
+            balancing,
+            recipe.make_optimizer,
+            splits["train"],
+            splits["val"],
+            splits.get("test"),
+            config=config,
+            scheduler=recipe.make_scheduler if recipe.scheduler else None,
+            baselines=baselines,
+            out_dir=run_dir,
+        )
+        if store is not None and run_id is not None:
+            trainer.on_epoch = lambda record: _log_epoch(store, run_id, record)
+        result = trainer.fit(resume=run_dir is not None)
+    except BaseException as exc:
+        if store is not None and run_id is not None:
+            status = "failed" if isinstance(exc, Exception) else "interrupted"
+            store.fail(run_id, traceback.format_exc(), status=status)
+        raise
+    record = {
+        "key": spec.key,
+        "benchmark": benchmark,
+        "arch": arch,
+        "method": method,
+        "seed": seed,
+        "best_epoch": result.best_epoch,
+        "val": result.val,
+        "test": result.test,
+        "wall_time": result.wall_time,
+    }
+    if store is not None and run_id is not None:
+        store.finish(
+            run_id,
+            best_epoch=result.best_epoch,
+            val=result.val,
+            test=result.test,
+            wall_time=result.wall_time,
+            peak_memory_mb=_peak_memory_mb(torch.device(device)),
+        )
+    return record
+
+
+def _with_seed(method: str, hparams: Mapping[str, Any], seed: int) -> dict[str, Any]:
+    out = dict(hparams)
+    if polytask.methods.get(method).stochastic and "seed" not in out:
+        out["seed"] = seed
+    return out
+
+
+def _log_epoch(store: ResultsStore, run_id: int, record: Mapping[str, Any]) -> None:
+    extra = {"train_losses": record["train_losses"], "weights": record.get("weights")}
+    store.log_epoch(run_id, record["epoch"], "val", record["val"], record["val_losses"])
+    if record["test"]:
+        store.log_epoch(run_id, record["epoch"], "test", record["test"])
+    store.log_epoch(run_id, record["epoch"], "train", {}, None, extra=extra)
+
+
+def run_baselines(
+    benchmark: str,
+    *,
+    seeds: Sequence[int],
+    arch: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    store: ResultsStore,
+    **kwargs: Any,
+) -> list[dict[str, Any] | None]:
+    """Train (or reuse) the single-task baseline of every task for every seed."""
+    bench = benchmarks.get(benchmark)
+    out = []
+    for task in bench.tasks().names:
+        for seed in seeds:
+            out.append(
+                run(
+                    benchmark,
+                    method=STL,
+                    seed=seed,
+                    arch=arch,
+                    overrides=overrides,
+                    store=store,
+                    tasks_subset=[task],
+                    **kwargs,
+                )
+            )
+    return out
+
+
+def baseline_scores(
+    store: ResultsStore,
+    benchmark: str,
+    arch: str,
+    split: str,
+    tasks: Sequence[str],
+    recipe: Mapping[str, Any] | None = None,
+) -> dict[str, float]:
+    """Each task's metrics from its finished single-task runs, averaged over seeds
+    (``{}`` unless every task has at least one; restricted to ``recipe`` when given)."""
+    runs = store.runs(benchmark=benchmark, arch=arch, method=STL, status="finished")
+    if recipe is not None:
+        runs = [r for r in runs if r.recipe == _plain(recipe)]
+    scores: dict[str, list[float]] = {}
+    covered = set()
+    for r in runs:
+        task = r.hparams.get("task")
+        if task not in tasks:
+            continue
+        covered.add(task)
+        for key, value in (r.val if split == "val" else r.test or {}).items():
+            scores.setdefault(key, []).append(value)
+    if covered != set(tasks):
+        return {}
+    return {k: sum(v) / len(v) for k, v in scores.items()}
+
+
+def _plain(value: Any) -> Any:
+    import json
+
+    from polytask.results.store import _dumps
+
+    return json.loads(_dumps(value))

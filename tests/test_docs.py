@@ -1,12 +1,15 @@
 from pathlib import Path
 
-from polytask.docs import methods_markdown
+import pytest
+
+from polytask.docs import TABLES
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
 
-def test_method_table_is_up_to_date():
-    path = DOCS / "methods.md"
-    assert path.read_text() == methods_markdown(), (
-        "docs/methods.md is out of date: run `python -m polytask.docs > docs/methods.md`"
+@pytest.mark.parametrize("which", sorted(TABLES))
+def test_generated_tables_are_up_to_date(which):
+    path = DOCS / f"{which}.md"
+    assert path.read_text() == TABLES[which](), (
+        f"docs/{which}.md is out of date: run `python -m polytask.docs {which} > docs/{which}.md`"
     )

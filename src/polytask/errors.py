@@ -9,10 +9,13 @@ and say what to do.
 from __future__ import annotations
 
 __all__ = [
+    "DataFormatError",
+    "DataNotFoundError",
     "EmptyParametersError",
     "InvalidContextError",
     "InvalidHyperparameterError",
     "InvalidLossesError",
+    "MethodStateError",
     "MissingContextError",
     "NonFiniteError",
     "PolytaskError",
@@ -60,6 +63,11 @@ class EmptyParametersError(PolytaskError, ValueError):
     """``shared_params`` holds no parameter that requires grad."""
 
 
+class MethodStateError(PolytaskError, RuntimeError):
+    """A stateful method's hooks were called out of order (e.g. ``after_step`` without a
+    preceding ``backward``)."""
+
+
 class MissingContextError(PolytaskError, TypeError):
     """A method needs context (KPIs, validation losses, ...) that was not passed."""
 
@@ -67,6 +75,15 @@ class MissingContextError(PolytaskError, TypeError):
 class InvalidContextError(PolytaskError, ValueError):
     """A context value passed to ``backward(**ctx)`` has the wrong type, shape or range,
     or its key is not a known context key."""
+
+
+class DataNotFoundError(PolytaskError, FileNotFoundError):
+    """A data set's files are not where its loader looks; the message names the missing path
+    and where to get the data."""
+
+
+class DataFormatError(PolytaskError, ValueError):
+    """A data set's files are there but not in the expected format (shape, dtype, values)."""
 
 
 class SolverError(PolytaskError, RuntimeError):

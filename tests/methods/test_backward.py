@@ -182,7 +182,7 @@ def test_context_is_checked_before_the_method_sees_it():
 def test_partial_steps_are_refused_by_methods_that_do_not_support_them():
     problem = tiny_problem(2)
     losses, _ = problem.forward()
-    m = polytask.methods.create("mgda", 2)
+    m = polytask.methods.create("nash_mtl", 2)
     assert not m.partial_tasks
     with pytest.raises(InvalidContextError, match="only some tasks"):
         m.backward(losses, shared_params=problem.shared(), present=torch.tensor([True, False]))

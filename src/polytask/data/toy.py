@@ -68,6 +68,7 @@ from polytask import methods
 from polytask.errors import PolytaskError
 
 __all__ = [
+    "LOG_LOSS_METHODS",
     "LOWER",
     "METHOD_LR",
     "NASH_MTL_SCALE",
@@ -127,6 +128,9 @@ TOY_CONTEXT: frozenset[str] = frozenset()
 #: defaults; :func:`run_toy` applies them unless told otherwise. CAGrad's toy.py calls
 #: ``cagrad(grads, c=0.5)`` and divides the update by 1 + c (``rescale=2``).
 TOY_HPARAMS: dict[str, dict[str, Any]] = {"cagrad": {"c": 0.5, "rescale": 2}}
+#: Methods whose objective takes log L_k without a shift, undefined on the toy's negative
+#: losses (FAMO has one: its ``min_losses``, set as in its toy trainer).
+LOG_LOSS_METHODS = frozenset({"db_mtl", "gls"})
 
 
 # -- the problem ---------------------------------------------------------------------------
@@ -241,6 +245,16 @@ def toy_support(name: str) -> str | None:
         )
     if cls.min_tasks > 2:
         return f"{name} needs at least {cls.min_tasks} tasks; the toy has 2"
+    if getattr(cls, "needs_meta_step", False):
+        return (
+            f"{name} learns through meta_step(model, train_batch, val_batch, loss_fn), which "
+            "the toy problem (two analytic losses, no model, no data) cannot provide"
+        )
+    if name in LOG_LOSS_METHODS:
+        return (
+            f"{name} takes the logarithm of each loss, and the toy's losses go down to -20 "
+            "(its papers do not run it on this problem)"
+        )
     missing = sorted(set(cls.needs) - TOY_CONTEXT)
     if missing:
         return (
@@ -358,6 +372,9 @@ def run_toy(
         raise ValueError(f"start={start!r} must hold 2 coordinates")
     cls = methods.get(method_name)
     hparams = {**TOY_HPARAMS.get(method_name, {}), **hparams}
+    if method_name == "famo":
+        # FAMO's toy trainer: set_min_losses([-21 * scale, -21]), below the toy's -20 floor.
+        hparams.setdefault("min_losses", [-21.0 * first_loss_scale, -21.0])
     accepted = methods.accepted_hparams(cls)
     if cls.stochastic and "seed" in accepted:
         hparams.setdefault("seed", 0)
@@ -390,6 +407,9 @@ def run_toy(
             error = f"{type(exc).__name__} at step {i}: {exc}"
             break
         optimizer.step()
+        if method.needs_losses_after_step:
+            with torch.no_grad():
+                method.after_step(toy_losses(x, first_loss_scale))
         losses_out[i] = losses.detach().numpy()
         positions[i + 1] = x.detach().numpy()
         weights = result.weights

@@ -50,6 +50,7 @@ class AlignedMTL(GramianMethod):
     Returns weights: B w, with d = (B w) @ J.
     """
 
+    partial_tasks: ClassVar[bool] = True
     paper: ClassVar[str] = (
         "Senushkin, Patakin, Kuznetsov & Konushin, Independent Component Alignment for "
         "Multi-Task Learning, CVPR 2023"

@@ -20,7 +20,7 @@ it defines one.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -182,6 +182,49 @@ def _check_finite_rows(matrix: Tensor, what: str) -> None:
         )
 
 
+#: Hyper-parameters that may hold one value per task; a partial step keeps the present ones.
+_PER_TASK_HPARAMS = ("weights", "pref_vector", "leak")
+#: How each context key is restricted to the present tasks of a partial step.
+_PER_TASK_CONTEXT = {
+    "kpis": lambda v, i: v[i.to(v.device)],
+    "val_losses": lambda v, i: v[i.to(v.device)],
+    "sample_losses": lambda v, i: [v[j] for j in i.tolist()],
+    "xi_jacobians": lambda v, i: tuple(j[i.to(j.device)] for j in v),
+}
+_TASK_FREE_CONTEXT = frozenset({"epoch"})
+
+
+def _select_tasks(key: str, value: Any, index: Tensor) -> Any:
+    if key in _TASK_FREE_CONTEXT:
+        return value
+    if key not in _PER_TASK_CONTEXT:
+        raise NotImplementedError(
+            f"context key {key!r} has no rule for steps with only some tasks; add it to "
+            "_PER_TASK_CONTEXT or _TASK_FREE_CONTEXT in polytask/methods/base.py"
+        )
+    return _PER_TASK_CONTEXT[key](value, index)
+
+
+def _scatter(values: Tensor, index: Tensor, k: int) -> Tensor:
+    """``values`` [m] of the tasks ``index`` as a [K] tensor, 0 for the other tasks."""
+    out = torch.zeros(k, dtype=values.dtype, device=values.device)
+    return out.index_copy(0, index.to(values.device), values.detach())
+
+
+def _check_present_losses(losses: Any, index: Tensor, num_tasks: int) -> None:
+    # The usual shape checks; finiteness only for present tasks, named by their own index.
+    if not isinstance(losses, Tensor) or losses.dim() != 1 or losses.shape[0] != num_tasks:
+        check_losses(losses, num_tasks)
+    values = losses.detach()[index.to(losses.device)]
+    bad = [(int(i), float(v)) for i, v in zip(index, values) if not bool(torch.isfinite(v))]
+    if bad:
+        raise NonFiniteError(
+            "non-finite task loss: "
+            + ", ".join(f"task {i} = {v}" for i, v in bad)
+            + "; check the inputs, labels and learning rate of these tasks"
+        )
+
+
 class Method(nn.Module):
     """A multi-task balancing method: turns K task losses into one descent update.
 
@@ -204,7 +247,11 @@ class Method(nn.Module):
     stochastic: ClassVar[bool] = False
     #: Smallest K the method is defined for.
     min_tasks: ClassVar[int] = 1
-    #: Whether ``backward`` accepts ``present=`` marking only some tasks (multi-input MTL).
+    #: Whether ``backward`` accepts ``present=`` marking only some tasks (multi-input MTL);
+    #: such a step is the method's step on the present tasks alone (see :meth:`_partial_step`).
+    #: Set it only where that is sound: stateless methods get it from a fresh sub-problem
+    #: instance, stateful ones must override :meth:`_partial_backward` to update only the
+    #: present tasks' state.
     partial_tasks: ClassVar[bool] = False
     #: The ``mode`` values :meth:`backward` supports.
     modes: ClassVar[frozenset[str]] = frozenset({"params", "features"})
@@ -261,6 +308,14 @@ class Method(nn.Module):
         shared = check_shared_params(shared_params)
         _check_mode(self, mode, features)
         self._check_ctx(ctx)
+        present = ctx.get("present")
+        if present is not None and not bool(present.all()):
+            # Partial steps are routed to _partial_step before validation; reaching here means
+            # a backward that would silently treat absent tasks as present.
+            raise NotImplementedError(
+                f"{type(self).__name__} sets partial_tasks=True but its backward does not route "
+                "partial steps through _partial_step; please report this as a bug"
+            )
         return losses, shared
 
     def _check_ctx(self, ctx: dict[str, Any]) -> None:
@@ -275,9 +330,119 @@ class Method(nn.Module):
                 "every task in each step"
             )
 
+    # -- steps with only some tasks (multi-input MTL) -------------------------------------
+    def _partial_step(
+        self,
+        losses: Any,
+        shared_params: Any,
+        features: Tensor | None,
+        mode: str,
+        ctx: dict[str, Any],
+    ) -> BackwardResult | None:
+        """Run a step whose ``present`` marks only some tasks; ``None`` when all are present.
+
+        The step is the method's own step on the sub-problem of the present tasks (their
+        losses, per-task context and per-task hyper-parameters): absent tasks get weight 0 and
+        no gradient, and their entries of ``losses`` are never read. Diagnostics in the result
+        (``gramian``, ``extras``) describe that sub-problem; ``extras["tasks"]`` holds the
+        indices of its tasks.
+        """
+        if ctx.get("present") is None:
+            return None
+        self._check_ctx(ctx)
+        present = ctx["present"].to("cpu")
+        if bool(present.all()):
+            return None
+        index = present.nonzero().flatten()
+        _check_present_losses(losses, index, self.num_tasks)
+        if len(index) < self.min_tasks:
+            raise InvalidContextError(
+                f"{type(self).__name__} needs at least {self.min_tasks} tasks per step, but "
+                f"present={present.tolist()} marks {len(index)}"
+            )
+        sub_ctx = {
+            key: _select_tasks(key, value, index) for key, value in ctx.items() if key != "present"
+        }
+        result = self._partial_backward(
+            losses, index, shared_params=shared_params, features=features, mode=mode, ctx=sub_ctx
+        )
+        result.extras["tasks"] = index
+        return result
+
+    def _partial_backward(
+        self,
+        losses: Tensor,
+        index: Tensor,
+        *,
+        shared_params: Any,
+        features: Tensor | None,
+        mode: str,
+        ctx: dict[str, Any],
+    ) -> BackwardResult:
+        """The step on the present tasks ``index``, with ``ctx`` already reduced to them.
+
+        The default runs a fresh instance built by :meth:`_subproblem`, which is right only for
+        a method without state carried between steps; a stateful method that sets
+        ``partial_tasks = True`` overrides this (or :meth:`LossMethod._partial_objective`)
+        to update only the present tasks' state.
+        """
+        sub = self._subproblem(index)
+        result = sub.backward(
+            losses[index.to(losses.device)],
+            shared_params=shared_params,
+            features=features,
+            mode=mode,
+            **ctx,
+        )
+        k = self.num_tasks
+        return BackwardResult(
+            weights=None if result.weights is None else _scatter(result.weights, index, k),
+            gramian=result.gramian,
+            extras=result.extras,
+            head_weights=(
+                None if result.head_weights is None else _scatter(result.head_weights, index, k)
+            ),
+        )
+
+    def _subproblem(self, index: Tensor) -> Method:
+        """This method on the tasks ``index`` only: same class and hyper-parameters (per-task
+        ones restricted to ``index``), drawing from this method's generator so that seeded runs
+        stay reproducible, on this method's device."""
+        owner = type(self).__name__
+        if any(True for _ in self.parameters()):
+            # A fresh instance would silently drop learned state.
+            raise NotImplementedError(
+                f"{owner} has learnable parameters, so a partial step cannot run a fresh "
+                "instance; override _partial_backward (or LossMethod._partial_objective)"
+            )
+        hparams = self.hparams()
+        for name, value in hparams.items():
+            if (
+                isinstance(value, (Sequence, Tensor))
+                and not isinstance(value, str)
+                and len(value) == self.num_tasks
+            ):
+                if name not in _PER_TASK_HPARAMS:
+                    raise NotImplementedError(
+                        f"{owner}'s hyper-parameter {name}={value!r} may hold one value per "
+                        "task; add it to _PER_TASK_HPARAMS in polytask/methods/base.py so "
+                        "partial steps restrict it to the present tasks"
+                    )
+                hparams[name] = [value[i] for i in index.tolist()]
+        hparams["seed"] = 0
+        sub = type(self)(len(index), **hparams)
+        sub.generator = self.generator
+        if isinstance(self, GradientMethod):
+            sub.engine = self.engine  # type: ignore[attr-defined]
+        buffer = next(self.buffers(), None)
+        return sub if buffer is None else sub.to(buffer.device)
+
     # -- hooks for the training loop ------------------------------------------------------
     #: Whether :meth:`after_step` needs the losses recomputed after the optimizer step.
     needs_losses_after_step: ClassVar[bool] = False
+    #: Whether the method has a bi-level meta step that loops call through
+    #: ``method.meta_step(...)`` (:class:`polytask.methods.meta.MetaMethod`).
+    needs_meta_step: ClassVar[bool] = False
 
     def after_step(self, losses: Tensor) -> None:
         """Called after ``optimizer.step()`` with the losses of the same batch, recomputed
@@ -329,10 +494,54 @@ class LossMethod(Method):
         mode: Mode = "params",
         **ctx: Any,
     ) -> BackwardResult:
+        partial = self._partial_step(losses, shared_params, features, mode, ctx)
+        if partial is not None:
+            return partial
         losses, _ = self._validate(losses, shared_params, mode, features, ctx)
         total, weights = self.objective(losses, **ctx)
         total.backward()
         return BackwardResult(weights=weights.detach())
+
+    def _partial_backward(
+        self,
+        losses: Tensor,
+        index: Tensor,
+        *,
+        shared_params: Any,
+        features: Tensor | None,
+        mode: str,
+        ctx: dict[str, Any],
+    ) -> BackwardResult:
+        check_losses(losses[index.to(losses.device)], len(index))
+        check_shared_params(shared_params)
+        _check_mode(self, mode, features)
+        total, weights = self._partial_objective(losses, index, **ctx)
+        absent = torch.ones(self.num_tasks, dtype=torch.bool)
+        absent[index] = False
+        if weights.shape != (self.num_tasks,) or bool(weights.detach().cpu()[absent].ne(0).any()):
+            raise RuntimeError(
+                f"{type(self).__name__}._partial_objective returned weights {weights.tolist()} "
+                f"that are not 0 for the absent tasks {absent.nonzero().flatten().tolist()}; "
+                "please report this as a bug"
+            )
+        total.backward()
+        return BackwardResult(weights=weights.detach())
+
+    def _partial_objective(
+        self, losses: Tensor, index: Tensor, **ctx: Any
+    ) -> tuple[Tensor, Tensor]:
+        """(objective, weights [K]) of a step on the present tasks ``index`` only.
+
+        ``losses`` holds all K entries (the absent ones must not be read) and ``ctx`` is
+        reduced to the present tasks. The default is :meth:`objective` of a fresh instance on
+        the present tasks, right for stateless methods; a stateful method that sets
+        ``partial_tasks = True`` overrides it to update only the present tasks' state, and
+        returns weight 0 for the absent tasks.
+        """
+        sub = self._subproblem(index)
+        sub._check_ctx(ctx)
+        total, weights = sub.objective(losses[index.to(losses.device)], **ctx)
+        return total, _scatter(weights, index, self.num_tasks)
 
 
 def _check_mode(method: Method, mode: str, features: Tensor | None) -> None:
@@ -428,6 +637,9 @@ class GradientMethod(Method):
         mode: Mode = "params",
         **ctx: Any,
     ) -> BackwardResult:
+        partial = self._partial_step(losses, shared_params, features, mode, ctx)
+        if partial is not None:
+            return partial
         losses, shared = self._validate(losses, shared_params, mode, features, ctx)
         if mode == "params":
             task_leaves = leaves_reached([losses], exclude=shared)
@@ -510,6 +722,9 @@ class GramianMethod(GradientMethod):
         mode: Mode = "params",
         **ctx: Any,
     ) -> BackwardResult:
+        partial = self._partial_step(losses, shared_params, features, mode, ctx)
+        if partial is not None:
+            return partial
         # Features mode needs only G: the engine forms it without the K x (B D) Jacobian
         # where the heads are linear layers, and the update w @ J is the backward of
         # sum_k w_k L_k. Methods that override _aggregate take the generic path.

@@ -46,6 +46,7 @@ class CAGrad(GramianMethod):
     Returns weights: (1/K + (c ||g0|| / ||g_w||) w_k) / rescale factor, so d = weights @ J.
     """
 
+    partial_tasks: ClassVar[bool] = True
     paper: ClassVar[str] = (
         "Liu, Liu, Jin, Stone & Liu, Conflict-Averse Gradient Descent for Multi-task Learning, "
         "NeurIPS 2021"

@@ -49,6 +49,7 @@ class ConFIG(GramianMethod):
     Returns weights: the w with d = w @ J.
     """
 
+    partial_tasks: ClassVar[bool] = True
     paper: ClassVar[str] = (
         "Liu, Chu, Thuerey et al., ConFIG: Towards Conflict-free Training of Physics "
         "Informed Neural Networks, arXiv:2408.11104, 2024"

@@ -27,6 +27,7 @@ class EqualWeighting(LossMethod):
     Needs: the losses only.
     """
 
+    partial_tasks: ClassVar[bool] = True
     paper: ClassVar[str] = "Linear scalarisation baseline; Vandenhende et al., TPAMI 2021"
 
     def __init__(

@@ -50,6 +50,7 @@ class FairGrad(GramianMethod):
     Returns weights: w, with d = w @ J.
     """
 
+    partial_tasks: ClassVar[bool] = True
     paper: ClassVar[str] = "Ban & Ji, Fair Resource Allocation in Multi-Task Learning, ICML 2024"
     properties: ClassVar[frozenset[str]] = frozenset(
         {"non_conflicting", "permutation_invariant", "aligned_direction"}

@@ -47,6 +47,7 @@ class GradDrop(GradientMethod):
     Returns weights: None; task-specific parameters get their own gradients unscaled.
     """
 
+    partial_tasks: ClassVar[bool] = True
     paper: ClassVar[str] = (
         "Chen, Ngiam, Huang, Luong, Kretzschmar, Chai & Anguelov, Just Pick a Sign: Optimizing "
         "Deep Multitask Models with Gradient Sign Dropout, NeurIPS 2020"

@@ -91,6 +91,7 @@ class IMTLG(GramianMethod):
         inconsistent system raises :class:`~polytask.errors.SolverError`.
     """
 
+    partial_tasks: ClassVar[bool] = True
     paper: ClassVar[str] = _PAPER
     properties: ClassVar[frozenset[str]] = frozenset(
         {"permutation_invariant", "positively_homogeneous", "aligned_identity"}

@@ -38,6 +38,7 @@ class MGDA(GramianMethod):
         d = weights @ J. LibMTL instead applies them to the normalised gradients.
     """
 
+    partial_tasks: ClassVar[bool] = True
     paper: ClassVar[str] = (
         "Sener & Koltun, Multi-Task Learning as Multi-Objective Optimization, NeurIPS 2018"
     )

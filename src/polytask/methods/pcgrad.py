@@ -75,6 +75,7 @@ class PCGrad(GradientMethod):
         task-specific parameters get their own gradients unscaled, as in the paper.
     """
 
+    partial_tasks: ClassVar[bool] = True
     paper: ClassVar[str] = (
         "Yu, Kumar, Gupta, Levine, Hausman & Finn, Gradient Surgery for Multi-Task Learning, "
         "NeurIPS 2020"

@@ -66,6 +66,7 @@ class RGW(GramianMethod):
     Returns weights: the random draw w, so d = weights @ J.
     """
 
+    partial_tasks: ClassVar[bool] = True
     paper: ClassVar[str] = (
         "Lin, Ye, Zhang & Tsang, Reasonable Effectiveness of Random Weighting: A Litmus Test "
         "for Multi-Task Learning, TMLR 2022"

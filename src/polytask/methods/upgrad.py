@@ -33,6 +33,7 @@ def _check_eps(name: str, value: Any) -> float:
 class _DualConeMethod(GramianMethod):
     """Shared hyper-parameters and Gramian conditioning of UPGrad and DualProj."""
 
+    partial_tasks: ClassVar[bool] = True
     paper: ClassVar[str] = _PAPER
 
     def __init__(

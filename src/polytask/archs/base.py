@@ -97,6 +97,12 @@ class MultiTaskModel(nn.Module):
         balanced objective; ``None`` when it has none."""
         return None
 
+    def loss_terms(self, losses: Tensor, *, progress: float) -> Tensor | None:
+        """A term built from the task losses' graph (ASTMT's adversarial discriminator loss),
+        which the trainer backpropagates before the balancing method frees that graph;
+        ``progress`` is the fraction of training done, in [0, 1]. ``None`` when it has none."""
+        return None
+
     # -- parameters ----------------------------------------------------------------------
     def task_parameters(self, task: str) -> Iterator[nn.Parameter]:
         """Parameters only ``task`` uses (its head, its tower, its gate, ...)."""

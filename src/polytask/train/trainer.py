@@ -350,13 +350,28 @@ class Trainer:
         features, outputs, losses = self._forward_losses(inputs, targets)
         present = self._present(targets)
         ctx = self._context(inputs, targets, outputs, present)
-        result = self.method.backward(
-            losses,
-            shared_params=self.shared_params(),
-            features=features,
-            mode=self.config.mode,
-            **ctx,
-        )
+        if hasattr(self.model, "loss_terms"):
+            total = self.config.epochs * max(len(self.sampler), 1)
+            done = self.epoch * len(self.sampler) + self.position
+            term = self.model.loss_terms(losses, progress=min(done / total, 1.0))
+            if term is not None:
+                term.backward(retain_graph=True)
+        shared = self.shared_params()
+        if not any(p.requires_grad for p in shared):
+            # Nothing shared to balance (e.g. RCM's frozen filter bank): each task's
+            # parameters get their own gradient, which only equal weighting describes.
+            if self.method.name != "ew":
+                raise ValueError(
+                    f"{type(self.model).__name__} has no trainable shared parameter, so "
+                    f"{type(self.method).__name__} has nothing to balance; use method 'ew'"
+                )
+            weights = getattr(self.method, "task_weights", None)
+            (losses if weights is None else weights.to(losses) * losses).sum().backward()
+            result = None
+        else:
+            result = self.method.backward(
+                losses, shared_params=shared, features=features, mode=self.config.mode, **ctx
+            )
         aux = self.model.aux_loss() if hasattr(self.model, "aux_loss") else None
         if aux is not None:
             aux.backward()
@@ -380,7 +395,7 @@ class Trainer:
                 self.method.after_step(after)
         return {
             "losses": losses.detach(),
-            "weights": None if result.weights is None else result.weights.detach(),
+            "weights": None if result is None or result.weights is None else result.weights,
             "aux": None if aux is None else float(aux.detach()),
         }
 

@@ -6,6 +6,14 @@
 * ``polytask demo [--out DIR] [--steps N] [--lr LR] [--paper] [--methods a,b,c]``: CAGrad's
   two-task toy problem for several methods from the paper's starting points; writes
   ``DIR/toy_trajectories.png`` and ``DIR/report.md`` (see :mod:`polytask.demo`).
+* ``polytask list methods|archs|benchmarks``.
+* ``polytask run BENCHMARK --method M [--arch A] [--seeds 0 1 2] [--epochs N] [--set k=v]``:
+  train and record runs in the results store.
+* ``polytask baselines BENCHMARK``: the single-task baselines Δm is measured against.
+* ``polytask sweep CONFIG.toml [--workers N]``: methods x architectures x seeds on workers.
+* ``polytask report [--store PATH] [--out DIR]``: tables (Markdown, LaTeX, HTML) and plots.
+
+Exit codes: 0 success, 1 a run failed, 2 bad usage or configuration.
 """
 
 from __future__ import annotations
@@ -72,7 +80,115 @@ def build_parser() -> argparse.ArgumentParser:
         "ew, mgda, pcgrad, cagrad, nash_mtl, imtl_g, upgrad, aligned_mtl, "
         "fairgrad)",
     )
+    _add_harness_commands(sub)
     return parser
+
+
+def _add_harness_commands(sub: argparse._SubParsersAction) -> None:
+    listing = sub.add_parser("list", help="list registered methods, architectures or benchmarks")
+    listing.add_argument("what", choices=["methods", "archs", "benchmarks"])
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("benchmark", metavar="BENCHMARK", help="see `polytask list benchmarks`")
+        p.add_argument("--arch", default=None, help="architecture (default: the benchmark's)")
+        p.add_argument("--seeds", type=_seed, nargs="+", default=[0], metavar="SEED")
+        p.add_argument("--epochs", type=_positive_int, default=None, help="override the recipe")
+        p.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a recipe field (repeatable), e.g. --set lr=1e-4 --set batch_size=64",
+        )
+        p.add_argument(
+            "--data",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="a data option of the benchmark (repeatable), e.g. --data rho=0.9",
+        )
+        p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
+        p.add_argument("--root", default=None, help="data folder, for data sets read from disk")
+        p.add_argument(
+            "--store", default="runs/results.sqlite", help="results store (default: %(default)s)"
+        )
+        p.add_argument("--out", default="runs", help="checkpoints and logs (default: %(default)s)")
+        p.add_argument("--progress", action="store_true", help="show progress bars")
+
+    run = sub.add_parser(
+        "run",
+        help="train one method on a benchmark for some seeds; record the runs",
+        description="Train METHOD on BENCHMARK once per seed, selecting the epoch on the "
+        "validation split (Δm against the stored single-task baselines when they exist) and "
+        "recording every run in the results store. A run already finished is not retrained; "
+        "an interrupted one resumes from its checkpoint.",
+    )
+    common(run)
+    run.add_argument("--method", required=True, help="see `polytask list methods`")
+    run.add_argument(
+        "--hparam",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a hyper-parameter of the method (repeatable), e.g. --hparam c=0.4",
+    )
+    baselines = sub.add_parser(
+        "baselines",
+        help="train the single-task baselines of a benchmark (one network per task)",
+        description="Train one network per task with the benchmark's model and recipe, per "
+        "seed, and record them (method 'stl'); Δm of every run is measured against them.",
+    )
+    common(baselines)
+    sweep = sub.add_parser(
+        "sweep",
+        help="run a sweep from a TOML file on local worker processes (resumable)",
+        description="Run the baselines, then methods x architectures x seeds of CONFIG on a "
+        "pool of worker processes sharing the results store. See polytask.train.sweep for "
+        "the file's keys; these flags override it.",
+    )
+    sweep.add_argument("config", metavar="CONFIG.toml")
+    sweep.add_argument("--workers", type=_positive_int, default=None)
+    sweep.add_argument("--store", default=None)
+    sweep.add_argument("--out", default=None)
+    sweep.add_argument("--device", default=None)
+    sweep.add_argument("--epochs", type=_positive_int, default=None)
+    report = sub.add_parser(
+        "report",
+        help="render tables and plots from the results store",
+        description="Write report.md, report.tex, report.html (self-contained) and PNG plots "
+        "for every benchmark in the store (or those given).",
+    )
+    report.add_argument("--store", default="runs/results.sqlite")
+    report.add_argument("--out", default="runs/report", help="output folder (default: %(default)s)")
+    report.add_argument("--benchmark", action="append", default=None, dest="benchmarks")
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seed {text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"seed {value} must be non-negative")
+    return value
+
+
+def _pairs(items: Sequence[str], what: str, *, literal: bool) -> dict[str, object]:
+    import ast
+
+    out: dict[str, object] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"{what} {item!r} must look like KEY=VALUE")
+        parsed: object = value
+        if literal:
+            try:
+                parsed = ast.literal_eval(value)
+            except (ValueError, SyntaxError):
+                parsed = value
+        out[key.strip()] = parsed
+    return out
 
 
 def _positive_int(text: str) -> int:
@@ -189,7 +305,150 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _cmd_methods(console)
     if args.command == "demo":
         return _cmd_demo(args, console)
+    handlers = {
+        "list": _cmd_list,
+        "run": _cmd_run,
+        "baselines": _cmd_run,
+        "sweep": _cmd_sweep,
+        "report": _cmd_report,
+    }
+    if args.command in handlers:
+        try:
+            return handlers[args.command](args, console)
+        except (ValueError, KeyError, TypeError, FileNotFoundError) as exc:
+            # Bad names, values or configuration: the message says what to change.
+            message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+            Console(stderr=True).print(f"[red]error:[/red] {message}", highlight=False)
+            return 2
     parser.print_help()
+    return 0
+
+
+def _cmd_list(args: argparse.Namespace, console: Console) -> int:
+    if args.what == "methods":
+        return _cmd_methods(console)
+    if args.what == "archs":
+        table = Table(title="registered architectures")
+        table.add_column("name", style="bold cyan", no_wrap=True)
+        table.add_column("paper")
+        table.add_column("features mode")
+        for name in polytask.archs.available():
+            cls = polytask.archs.get(name)
+            table.add_row(name, cls.paper, "yes" if cls.has_shared_representation else "no")
+        console.print(table)
+        return 0
+    from polytask.data import benchmark as benchmarks
+
+    table = Table(title="registered benchmarks")
+    table.add_column("name", style="bold cyan", no_wrap=True)
+    table.add_column("summary")
+    table.add_column("architectures")
+    table.add_column("data")
+    for name in benchmarks.available():
+        b = benchmarks.get(name)
+        table.add_row(
+            name, b.summary, ", ".join(b.archs), "--root DIR" if b.needs_root else "ships"
+        )
+    console.print(table)
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace, console: Console) -> int:
+    from polytask.data import benchmark as benchmarks
+    from polytask.results.store import ResultsStore
+    from polytask.train.runner import STL, run
+
+    bench = benchmarks.get(args.benchmark)
+    arch = bench.check_arch(args.arch)
+    overrides = _pairs(args.set, "--set", literal=False)
+    if args.epochs is not None:
+        overrides["epochs"] = args.epochs
+    bench.recipe.override(overrides)  # fail before any training on a bad key or value
+    data = _pairs(args.data, "--data", literal=True)
+    store = ResultsStore(args.store)
+    if args.command == "baselines":
+        jobs = [(STL, seed, {}, [t]) for t in bench.tasks().names for seed in args.seeds]
+    else:
+        hparams = _pairs(args.hparam, "--hparam", literal=True)
+        polytask.methods.create(args.method, len(bench.tasks()), **hparams)  # validate early
+        jobs = [(args.method, seed, hparams, None) for seed in args.seeds]
+    failed = 0
+    for method, seed, hparams, subset in jobs:
+        label = f"{args.benchmark}/{arch}/{method}/seed {seed}" + (
+            f" ({subset[0]})" if subset else ""
+        )
+        console.print(f"[bold]{label}[/bold]")
+        try:
+            record = run(
+                args.benchmark,
+                method=method,
+                seed=seed,
+                arch=arch,
+                hparams=hparams,
+                overrides=overrides,
+                store=store,
+                out_dir=args.out,
+                device=args.device,
+                root=args.root,
+                data_options=data,
+                tasks_subset=subset,
+                progress=args.progress,
+            )
+        except polytask.errors.PolytaskError as exc:
+            console.print(f"  [red]failed:[/red] {type(exc).__name__}: {exc}", highlight=False)
+            failed += 1
+            continue
+        if record is None:
+            console.print("  already in the store (finished, or running elsewhere): skipped")
+            continue
+        test = ", ".join(f"{k} {v:.4g}" for k, v in record["test"].items())
+        console.print(
+            f"  best epoch {record['best_epoch']} (on validation); test: {test}; "
+            f"{record['wall_time']:.1f} s"
+        )
+    console.print(f"results store: {args.store}")
+    return 1 if failed else 0
+
+
+def _cmd_sweep(args: argparse.Namespace, console: Console) -> int:
+    from polytask.train.sweep import load_config, run_sweep
+
+    overrides = {
+        "workers": args.workers,
+        "store": args.store,
+        "out": args.out,
+        "device": args.device,
+    }
+    config = load_config(args.config, overrides)
+    if args.epochs is not None:
+        config.recipe["epochs"] = args.epochs
+    console.print(
+        f"sweep: {len(config.benchmarks)} benchmark(s) x {len(config.methods)} method(s) x "
+        f"{len(config.seeds)} seed(s) on {config.workers} worker(s); store {config.store}"
+    )
+
+    def show(label: str, outcome: str) -> None:
+        colour = "red" if outcome.startswith("failed") else "green"
+        console.print(f"  [{colour}]{outcome}[/{colour}] {label}", highlight=False)
+
+    results = run_sweep(config, on_result=show)
+    failed = sum(outcome.startswith("failed") for _, outcome in results)
+    console.print(f"{len(results) - failed} of {len(results)} jobs done or already done")
+    return 1 if failed else 0
+
+
+def _cmd_report(args: argparse.Namespace, console: Console) -> int:
+    from pathlib import Path
+
+    from polytask.results import ResultsStore, write_report
+
+    if not Path(args.store).is_file():
+        raise FileNotFoundError(f"no results store at {args.store}; run `polytask run` first")
+    paths = write_report(ResultsStore(args.store), args.out, benchmarks=args.benchmarks)
+    for kind, path in paths.items():
+        if kind in ("markdown", "latex", "html"):
+            console.print(f"{kind}: {path}")
+    console.print(f"plots: {len(paths) - 3} PNG file(s) in {args.out}")
     return 0
 
 

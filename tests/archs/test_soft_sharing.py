@@ -17,6 +17,7 @@ import polytask
 from polytask.archs.soft_sharing.nddr import NDDRLayer
 from polytask.errors import InvalidHyperparameterError
 
+from .._libmtl import bare_package, libmtl_root
 from .examples_soft import conv
 
 
@@ -465,15 +466,10 @@ def libmtl(monkeypatch):
     """Load LibMTL's architecture modules by path, without its package ``__init__`` (which
     needs torchvision); ``LibMTL.model.resnet`` only needs ``torchvision.models.utils``'s
     weight downloader, which is stubbed (no weights are downloaded here)."""
-    spec = importlib.util.find_spec("LibMTL")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("LibMTL is not installed (pip install --no-deps LibMTL==1.1.5)")
-    root = Path(next(iter(spec.submodule_search_locations)))
+    root = libmtl_root()
 
     def package(name: str, path: Path | None) -> None:
-        mod = types.ModuleType(name)
-        mod.__path__ = [str(path)] if path else []  # type: ignore[attr-defined]
-        monkeypatch.setitem(sys.modules, name, mod)
+        monkeypatch.setitem(sys.modules, name, bare_package(name, path))
 
     def load(name: str, path: Path) -> types.ModuleType:
         spec = importlib.util.spec_from_file_location(name, path)

@@ -5,8 +5,6 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import io
-import sys
-import types
 
 import numpy as np
 import pytest
@@ -16,6 +14,7 @@ from torch import nn
 import polytask
 from polytask.errors import InvalidHyperparameterError
 
+from .._libmtl import register_libmtl
 from ._helpers import assert_weighted_shared_grad, random_jacobian, tiny_problem
 
 
@@ -123,13 +122,7 @@ def test_an_optimizer_step_moves_weights_towards_equal_training_rates():
 
 
 def _libmtl_gradnorm():
-    spec = importlib.util.find_spec("LibMTL")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("LibMTL is not installed")
-    if "LibMTL" not in sys.modules:  # its __init__ imports torchvision: register the path only
-        package = types.ModuleType("LibMTL")
-        package.__path__ = list(spec.submodule_search_locations)
-        sys.modules["LibMTL"] = package
+    register_libmtl()
     return importlib.import_module("LibMTL.weighting.GradNorm").GradNorm
 
 

@@ -17,6 +17,8 @@ from torch import Tensor, nn
 
 import polytask
 
+from .._libmtl import register_libmtl
+
 # ---------------------------------------------------------------------------------------
 # generic helpers
 
@@ -117,16 +119,7 @@ def load_libmtl_weighting() -> types.ModuleType:
     """Import ``LibMTL.weighting`` without running ``LibMTL/__init__.py``."""
     if "LibMTL.weighting" in sys.modules:
         return sys.modules["LibMTL.weighting"]
-    spec = importlib.util.find_spec("LibMTL")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("LibMTL is not installed (pip install --no-deps LibMTL==1.1.5)")
-    existing = sys.modules.get("LibMTL")
-    if existing is None:
-        package = types.ModuleType("LibMTL")
-        package.__path__ = list(spec.submodule_search_locations)  # type: ignore[attr-defined]
-        package.__file__ = spec.origin
-        package.__package__ = "LibMTL"
-        sys.modules["LibMTL"] = package
+    register_libmtl()
     return importlib.import_module("LibMTL.weighting")
 
 

@@ -160,16 +160,28 @@ class Benchmark:
 BENCHMARKS: Registry[Benchmark] = Registry("benchmark", UnknownBenchmarkError)
 
 #: Modules that define benchmarks, imported when the registry is first used.
-_MODULES = ("polytask.data.synthetic_mmoe",)
+_MODULES = (
+    "polytask.data.synthetic_mmoe",
+    "polytask.data.nyuv2",
+    "polytask.data.cityscapes",
+    "polytask.data.celeba",
+    "polytask.data.office",
+    "polytask.data.aliexpress",
+    "polytask.data.multi_mnist",
+    "polytask.data.qm9",
+    "polytask.data.river_sets",
+)
 _loaded = False
 
 
 def _load_all() -> None:
     global _loaded
     if not _loaded:
-        _loaded = True
+        # Marked loaded only once every module imported: a failing import raises again on
+        # the next use instead of leaving a silently half-filled registry.
         for module in _MODULES:
             importlib.import_module(module)
+        _loaded = True
 
 
 def register(benchmark: Benchmark) -> Benchmark:

@@ -1,5 +1,6 @@
 """Single-task backbone networks that multi-task architectures take as encoders, stages or
-heads: ResNet, SegNet, the Multi-MNIST LeNet, MLP and a small Transformer encoder.
+heads: ResNet, SegNet, the Multi-MNIST LeNet, MLP, a small Transformer encoder and the QM9
+message-passing encoder.
 
 They are plain ``nn.Module`` networks, not registered architectures; this package has its own
 small registry of factories:
@@ -13,6 +14,7 @@ True
 from polytask.archs.backbones._registry import BACKBONES, available, create, register_backbone
 from polytask.archs.backbones.lenet import MultiLeNet, multi_lenet
 from polytask.archs.backbones.mlp import MLP, mlp
+from polytask.archs.backbones.mpnn import MPNNEncoder, mpnn_encoder, pack_graphs
 from polytask.archs.backbones.resnet import (
     BasicBlock,
     Bottleneck,
@@ -35,6 +37,7 @@ __all__ = [
     "MLP",
     "BasicBlock",
     "Bottleneck",
+    "MPNNEncoder",
     "MultiLeNet",
     "ResNet",
     "SegNet",
@@ -44,7 +47,9 @@ __all__ = [
     "available",
     "create",
     "mlp",
+    "mpnn_encoder",
     "multi_lenet",
+    "pack_graphs",
     "register_backbone",
     "resnet18",
     "resnet34",

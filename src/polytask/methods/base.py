@@ -191,7 +191,7 @@ _PER_TASK_CONTEXT = {
     "sample_losses": lambda v, i: [v[j] for j in i.tolist()],
     "xi_jacobians": lambda v, i: tuple(j[i.to(j.device)] for j in v),
 }
-_TASK_FREE_CONTEXT = frozenset({"epoch"})
+_TASK_FREE_CONTEXT = frozenset({"epoch", "loss_scale"})
 
 
 def _select_tasks(key: str, value: Any, index: Tensor) -> Any:
@@ -498,8 +498,10 @@ class LossMethod(Method):
         if partial is not None:
             return partial
         losses, _ = self._validate(losses, shared_params, mode, features, ctx)
-        total, weights = self.objective(losses, **ctx)
-        total.backward()
+        scale = ctx.pop("loss_scale", None)
+        # The objective sees the true losses; its gradient flows scaled through the network.
+        total, weights = self.objective(losses if scale is None else losses / scale, **ctx)
+        (total if scale is None else total * scale).backward()
         return BackwardResult(weights=weights.detach())
 
     def _partial_backward(
@@ -515,7 +517,12 @@ class LossMethod(Method):
         check_losses(losses[index.to(losses.device)], len(index))
         check_shared_params(shared_params)
         _check_mode(self, mode, features)
-        total, weights = self._partial_objective(losses, index, **ctx)
+        scale = ctx.pop("loss_scale", None)
+        total, weights = self._partial_objective(
+            losses if scale is None else losses / scale, index, **ctx
+        )
+        if scale is not None:
+            total = total * scale
         absent = torch.ones(self.num_tasks, dtype=torch.bool)
         absent[index] = False
         if weights.shape != (self.num_tasks,) or bool(weights.detach().cpu()[absent].ne(0).any()):
@@ -542,6 +549,19 @@ class LossMethod(Method):
         sub._check_ctx(ctx)
         total, weights = sub.objective(losses[index.to(losses.device)], **ctx)
         return total, _scatter(weights, index, self.num_tasks)
+
+
+def _skip_step(shared: list[Tensor], mode: str, features: Tensor | None) -> BackwardResult:
+    """The scaled gradients overflowed: leave NaN in the shared gradients so that the
+    GradScaler skips this optimizer step and lowers its scale (its usual overflow path)."""
+    if mode == "params":
+        for p in shared:
+            nan = torch.full_like(p, float("nan"))
+            p.grad = nan if p.grad is None else p.grad.add_(nan)
+    else:
+        assert features is not None
+        features.backward(torch.full_like(features, float("nan")))
+    return BackwardResult(weights=None, extras={"found_inf": True})
 
 
 def _check_mode(method: Method, mode: str, features: Tensor | None) -> None:
@@ -641,6 +661,7 @@ class GradientMethod(Method):
         if partial is not None:
             return partial
         losses, shared = self._validate(losses, shared_params, mode, features, ctx)
+        scale = ctx.pop("loss_scale", None)
         if mode == "params":
             task_leaves = leaves_reached([losses], exclude=shared)
             jac = self.engine(losses, shared)
@@ -648,10 +669,15 @@ class GradientMethod(Method):
             assert features is not None
             task_leaves = leaves_reached([losses], stop_at=[features])
             jac = self.engine(losses, [features])
+        if scale is not None:
+            if not bool(torch.isfinite(jac).all()):
+                return _skip_step(shared, mode, features)
+            jac = jac / scale
         _check_finite_rows(jac, "gradient")
         sizes = tuple(p.numel() for p in shared) if mode == "params" else (jac.shape[1],)
+        true_losses = losses.detach() if scale is None else losses.detach() / scale
         result = self._aggregate(
-            jac, losses=losses.detach(), param_sizes=sizes, mode=mode, features=features, **ctx
+            jac, losses=true_losses, param_sizes=sizes, mode=mode, features=features, **ctx
         )
         direction = result.direction
         if not bool(torch.isfinite(direction).all()):
@@ -670,6 +696,10 @@ class GradientMethod(Method):
                 inputs=task_leaves,
                 retain_graph=mode == "features",
             )
+        # With loss scaling the heads already get scale x their gradient (the losses are
+        # scaled); the shared update is scaled back up to match, GradScaler's convention.
+        if scale is not None:
+            direction = direction * scale
         if mode == "params":
             accumulate_grads(shared, direction)
         else:
@@ -732,9 +762,14 @@ class GramianMethod(GradientMethod):
             return super().backward(
                 losses, shared_params=shared_params, features=features, mode=mode, **ctx
             )
-        losses, _ = self._validate(losses, shared_params, mode, features, ctx)
+        losses, shared = self._validate(losses, shared_params, mode, features, ctx)
+        scale = ctx.pop("loss_scale", None)
         assert features is not None
         g = self.engine.gramian(losses, [features])
+        if scale is not None:
+            if not bool(torch.isfinite(g).all()):
+                return _skip_step(shared, mode, features)
+            g = g / scale**2
         if not bool(torch.isfinite(g).all()):
             # Name the task(s) from the Jacobian; if it is finite, G overflowed.
             _check_finite_rows(self.engine(losses, [features]), "gradient")
@@ -744,7 +779,7 @@ class GramianMethod(GradientMethod):
             )
         w = self._weights(
             g,
-            losses=losses.detach(),
+            losses=losses.detach() if scale is None else losses.detach() / scale,
             param_sizes=(features.numel(),),
             mode=mode,
             features=features,

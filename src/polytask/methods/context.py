@@ -99,6 +99,16 @@ def _check_present(value: Any, k: int) -> Tensor:
     return value
 
 
+def _check_loss_scale(value: Any, k: int) -> float:
+    if isinstance(value, Tensor) and value.numel() == 1:
+        value = float(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidContextError(f"loss_scale must be a number, got {type(value).__name__}")
+    if not (value > 0 and value != float("inf")):
+        raise InvalidContextError(f"loss_scale={value} must be positive and finite")
+    return float(value)
+
+
 def _check_xi_jacobians(value: Any, k: int) -> Any:
     # SDMGrad checks the pair's shapes against the main Jacobian itself.
     if not isinstance(value, Sequence) or not all(isinstance(v, Tensor) for v in value):
@@ -144,6 +154,14 @@ CONTEXT: dict[str, ContextKey] = {
             "step may hold only some tasks); absent tasks' entries of `losses` are ignored",
             _check_present,
             lambda k: torch.ones(k, dtype=torch.bool),
+        ),
+        ContextKey(
+            "loss_scale",
+            "float > 0: `losses` were multiplied by this factor (fp16 loss scaling, e.g. "
+            "torch.amp.GradScaler.get_scale()); the method balances the unscaled gradients and "
+            "leaves loss_scale x the update in .grad, for scaler.unscale_/step/update",
+            _check_loss_scale,
+            lambda k: 1.0,
         ),
         ContextKey(
             "xi_jacobians",

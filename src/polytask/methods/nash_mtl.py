@@ -165,7 +165,8 @@ class NashMTL(GramianMethod):
             result = super().backward(
                 losses, shared_params=shared, features=features, mode=mode, **ctx
             )
-            self.last_weights.copy_(result.extras["nash_weights"].detach())
+            if not result.extras.get("found_inf"):  # an overflowed fp16 step solved nothing
+                self.last_weights.copy_(result.extras["nash_weights"].detach())
         else:
             result = self._reuse_weights(losses, shared, features, mode, ctx)
         self.step.add_(1)
@@ -181,13 +182,15 @@ class NashMTL(GramianMethod):
     ) -> BackwardResult:
         """One backward pass of sum_k a_k L_k with the last weights, clipped like a fresh step."""
         losses, shared = self._validate(losses, shared, mode, features, ctx)
+        # Scaled losses (fp16 loss scaling) scale the gradients; the clip sees true norms.
+        scale = ctx.pop("loss_scale", None) or 1.0
         a = self.last_weights.to(losses.detach())
         total = (a * losses).sum()
         if mode == "features":
             assert features is not None
             heads = leaves_reached([losses], stop_at=[features])
             (grad_f,) = torch.autograd.grad(total, features, retain_graph=True)
-            c = self._clip_factor(grad_f.norm())
+            c = self._clip_factor(grad_f.norm() / scale)
             if heads:
                 torch.autograd.backward(total, inputs=heads, retain_graph=True)
             features.backward(c * grad_f)
@@ -201,7 +204,7 @@ class NashMTL(GramianMethod):
                 if shared_grads
                 else 0.0
             )
-            c = self._clip_factor(norm)
+            c = self._clip_factor(norm / scale)
             # Only the shared update is clipped, as in the official code.
             factors = [c] * len(shared) + [1.0] * len(heads)
             for p, g, f in zip(inputs, grads, factors):

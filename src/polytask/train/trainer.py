@@ -39,7 +39,7 @@ from polytask.train.sampler import ResumableBatchSampler
 
 __all__ = ["TrainConfig", "TrainResult", "Trainer"]
 
-Precision = Literal["fp32", "bf16"]
+Precision = Literal["fp32", "bf16", "fp16"]
 #: Context keys the trainer supplies itself; others come from ``context_fn``.
 _SUPPLIED = frozenset({"epoch", "val_losses", "kpis", "present"})
 
@@ -53,8 +53,10 @@ class TrainConfig:
         batch_size: training batch size; ``eval_batch_size`` defaults to it.
         mode: ``"params"`` balances the shared parameters' gradients, ``"features"`` the
             shared representation's (needs a model with ``encode``/``decode``).
-        precision: ``"fp32"`` or ``"bf16"`` (autocast on CPU and GPU; bf16 has fp32's range,
-            so gradient methods need no loss scaling).
+        precision: ``"fp32"``, ``"bf16"`` (autocast; bf16 has fp32's range, so no loss
+            scaling) or ``"fp16"`` (autocast with a ``torch.amp.GradScaler``: the losses are
+            scaled before the backward passes and every method balances the unscaled task
+            gradients, through the ``loss_scale`` context key).
         grad_clip: clip the global gradient norm to this value after balancing.
         accumulate: micro-batches per optimizer step; each micro-batch is balanced by the
             method on its own and the directions are summed (exact for loss weightings).
@@ -96,12 +98,8 @@ class TrainConfig:
             raise ValueError(f"batch_size={self.batch_size} must be positive")
         if self.mode not in ("params", "features"):
             raise ValueError(f"mode={self.mode!r} must be 'params' or 'features'")
-        if self.precision not in ("fp32", "bf16"):
-            raise ValueError(
-                f"precision={self.precision!r} must be 'fp32' or 'bf16' (fp16 needs loss "
-                "scaling inside the gradient methods, which polytask does not do yet; bf16 has "
-                "the range of fp32 and needs none)"
-            )
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"precision={self.precision!r} must be 'fp32', 'bf16' or 'fp16'")
         if self.accumulate < 1:
             raise ValueError(f"accumulate={self.accumulate} must be at least 1")
         if self.grad_clip is not None and not self.grad_clip > 0:
@@ -221,6 +219,7 @@ class Trainer:
         self.method = method.to(self.device)
         params = list(self.model.parameters()) + list(self.method.parameters())
         self.optimizer = optimizer(params)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
         self._check_optimizer_holds(self.method.parameters())
         self.scheduler = scheduler(self.optimizer) if scheduler is not None else None
         self._shared_fn = shared_params
@@ -286,6 +285,8 @@ class Trainer:
     def _autocast(self):
         if self.config.precision == "bf16":
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        if self.config.precision == "fp16":
+            return torch.autocast(self.device.type, dtype=torch.float16)
         return contextlib.nullcontext()
 
     def _to_device(self, value: Any) -> Any:
@@ -338,8 +339,8 @@ class Trainer:
                 outputs = self.model.decode(features)
             else:
                 features, outputs = None, self.model(inputs)
-            losses = torch.stack([loss.float() for loss in self.tasks.losses(outputs, targets)])
-        return features, outputs, losses
+            task_losses = [loss.float() for loss in self.tasks.losses(outputs, targets)]
+        return features, outputs, task_losses
 
     def _train_step(
         self, batch: Any, first_micro: bool, last_micro: bool, micro_batches: int = 1
@@ -347,15 +348,25 @@ class Trainer:
         inputs, targets = self._to_device(batch)
         if first_micro:
             self.optimizer.zero_grad(set_to_none=True)
-        features, outputs, losses = self._forward_losses(inputs, targets)
+        features, outputs, task_losses = self._forward_losses(inputs, targets)
         present = self._present(targets)
         ctx = self._context(inputs, targets, outputs, present)
+        true_losses = torch.stack(task_losses)
+        scale = 1.0
+        if self.scaler.is_enabled():
+            # Each task loss is scaled before the stack, so the engine keeps its per-task
+            # graph edges; the method is told the factor and balances the true gradients.
+            losses = torch.stack([self.scaler.scale(loss) for loss in task_losses])
+            scale = float(self.scaler.get_scale())
+            ctx["loss_scale"] = scale
+        else:
+            losses = true_losses
         if hasattr(self.model, "loss_terms"):
             total = self.config.epochs * max(len(self.sampler), 1)
             done = self.epoch * len(self.sampler) + self.position
-            term = self.model.loss_terms(losses, progress=min(done / total, 1.0))
+            term = self.model.loss_terms(true_losses, progress=min(done / total, 1.0))
             if term is not None:
-                term.backward(retain_graph=True)
+                (term * scale).backward(retain_graph=True)
         shared = self.shared_params()
         if not any(p.requires_grad for p in shared):
             # Nothing shared to balance (e.g. RCM's frozen filter bank): each task's
@@ -374,8 +385,10 @@ class Trainer:
             )
         aux = self.model.aux_loss() if hasattr(self.model, "aux_loss") else None
         if aux is not None:
-            aux.backward()
+            (aux * scale).backward()
         if last_micro:
+            if self.scaler.is_enabled():
+                self.scaler.unscale_(self.optimizer)
             if micro_batches > 1:
                 # The mean of the micro-batches' directions, as one batch of the union would
                 # give for a loss weighting of mean losses.
@@ -385,16 +398,20 @@ class Trainer:
                             p.grad.div_(micro_batches)
             if self.config.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
-            self.optimizer.step()
+            if self.scaler.is_enabled():
+                self.scaler.step(self.optimizer)  # skipped when the gradients overflowed
+                self.scaler.update()
+            else:
+                self.optimizer.step()
             self.step += 1
             if self.scheduler is not None and self.config.scheduler_interval == "step":
                 self.scheduler.step()
             if self.method.needs_losses_after_step:
                 with torch.no_grad():
                     _, _, after = self._forward_losses(inputs, targets)
-                self.method.after_step(after)
+                self.method.after_step(torch.stack(after))
         return {
-            "losses": losses.detach(),
+            "losses": true_losses.detach(),
             "weights": None if result is None or result.weights is None else result.weights,
             "aux": None if aux is None else float(aux.detach()),
         }
@@ -445,6 +462,7 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
                 "method": self.method.state_dict(),
+                "scaler": self.scaler.state_dict(),
                 "sampler": {**self.sampler.state_dict(), "position": self.position},
                 "rng": get_rng_state(),
                 "step": self.step,
@@ -467,6 +485,7 @@ class Trainer:
         if self.scheduler is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         self.method.load_state_dict(state["method"])
+        self.scaler.load_state_dict(state["scaler"])
         self.sampler.load_state_dict(state["sampler"])
         self.position = self.sampler.position
         set_rng_state(state["rng"])

@@ -176,3 +176,34 @@ def test_optimizer_must_hold_method_parameters():
             TwoTaskData(8, 0),
             TwoTaskData(8, 1),
         )
+
+
+@pytest.mark.parametrize("method", ["auto_lambda", "moml"])
+def test_meta_methods_learn_their_weights_in_the_trainer(method, tmp_path):
+    t = make_trainer(method, tmp_path / "a", epochs=1)
+    before = t.method.task_weights().clone()
+    t.fit()
+    assert not torch.equal(before, t.method.task_weights())
+    # Their weights are not in the model's optimizer (they have their own meta optimizer).
+    held = {id(p) for g in t.optimizer.param_groups for p in g["params"]}
+    assert not any(id(p) in held for p in t.method.parameters())
+
+
+def test_meta_method_resumes_exactly(tmp_path):
+    full = make_trainer("auto_lambda", tmp_path / "full")
+    full.fit()
+    killed = make_trainer("auto_lambda", tmp_path / "killed")
+    killed.fit(stop_after_steps=3)
+    resumed = make_trainer("auto_lambda", tmp_path / "killed")
+    resumed.fit(resume=True)
+    assert torch.equal(full.method.task_weights(), resumed.method.task_weights())
+    for a, b in zip(params_of(full), params_of(resumed)):
+        assert torch.equal(a, b)
+
+
+def test_sequential_reptile_steps_through_its_meta_step():
+    t = make_trainer("sequential_reptile", epochs=1)
+    before = params_of(t)
+    result = t.fit()
+    assert t.step == 5 and result.best_epoch == 1
+    assert any(not torch.equal(a, b) for a, b in zip(before, params_of(t)))

@@ -217,10 +217,12 @@ class Trainer:
         self.model = model.to(self.device)
         self.tasks = tasks
         self.method = method.to(self.device)
-        params = list(self.model.parameters()) + list(self.method.parameters())
+        # Meta methods update their weights with their own meta optimizer in meta_step.
+        own = [] if method.needs_meta_step else list(self.method.parameters())
+        params = list(self.model.parameters()) + own
         self.optimizer = optimizer(params)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
-        self._check_optimizer_holds(self.method.parameters())
+        self._check_optimizer_holds(own)
         self.scheduler = scheduler(self.optimizer) if scheduler is not None else None
         self._shared_fn = shared_params
         self.baselines = baselines
@@ -229,6 +231,13 @@ class Trainer:
         self.sampler = ResumableBatchSampler(
             len(train), config.batch_size, shuffle=True, seed=config.seed
         )
+        # Meta methods' extra batches: another shuffle of the training set, as Auto-Lambda's
+        # official code uses (the validation split stays for model selection alone).
+        self.train_set = train
+        self.meta_sampler = ResumableBatchSampler(
+            len(train), config.batch_size, shuffle=True, seed=config.seed + 7919
+        )
+        self._meta_batches: Any = None
         # The loader draws its workers' base seed from this generator, not from the global
         # RNG (which dropout uses): reseeded per epoch, a resumed run sees the same streams.
         self._loader_rng = torch.Generator()
@@ -346,6 +355,18 @@ class Trainer:
         self, batch: Any, first_micro: bool, last_micro: bool, micro_batches: int = 1
     ) -> dict[str, Any]:
         inputs, targets = self._to_device(batch)
+        if self.method.needs_meta_step:
+            if self.config.accumulate != 1 or self.scaler.is_enabled():
+                raise ValueError(
+                    f"{type(self.method).__name__}'s meta step needs accumulate=1 and "
+                    "precision 'fp32' or 'bf16'"
+                )
+            meta = self._meta_step(inputs, targets)
+            if getattr(self.method, "meta_step_replaces_step", False):
+                self.step += 1  # the meta step was the model's update (Sequential Reptile)
+                if self.scheduler is not None and self.config.scheduler_interval == "step":
+                    self.scheduler.step()
+                return {"losses": meta["losses"], "weights": None, "aux": None}
         if first_micro:
             self.optimizer.zero_grad(set_to_none=True)
         features, outputs, task_losses = self._forward_losses(inputs, targets)
@@ -416,6 +437,48 @@ class Trainer:
             "aux": None if aux is None else float(aux.detach()),
         }
 
+    def _meta_batch(self) -> Any:
+        """The next batch of the meta sampler (its own shuffle of the training set)."""
+        from torch.utils.data import default_collate
+
+        if self._meta_batches is None:
+            self._meta_batches = iter(self.meta_sampler)
+        try:
+            indices = next(self._meta_batches)
+        except StopIteration:
+            self._meta_batches = iter(self.meta_sampler)
+            indices = next(self._meta_batches)
+        return self._to_device(default_collate([self.train_set[i] for i in indices]))
+
+    def _meta_loss(self, model: nn.Module, batch: Any) -> Tensor:
+        inputs, targets = batch
+        with self._autocast():
+            outputs = model(inputs)
+            return torch.stack([v.float() for v in self.tasks.losses(outputs, targets)])
+
+    def _meta_step(self, inputs: Any, targets: Any) -> dict[str, Any]:
+        """The method's meta step on this batch (see :mod:`polytask.methods.meta`)."""
+        method: Any = self.method
+        if isinstance(self.optimizer, torch.optim.SGD):
+            inner: dict[str, Any] = {"inner_optimizer": self.optimizer}
+        else:
+            # The virtual step is an SGD step; with another optimizer it takes the model's
+            # learning rate (MOML's official code does the same with Adam).
+            inner = {"inner_lr": float(self.optimizer.param_groups[0]["lr"])}
+        if getattr(method, "meta_step_replaces_step", False):
+            steps = [(inputs, targets)]
+            steps += [self._meta_batch() for _ in range(len(self.tasks) - 1)]
+            if not isinstance(self.optimizer, torch.optim.SGD):
+                inner = {"inner_optimizer": self.optimizer}
+            method.meta_step(self.model, steps, None, self._meta_loss, **inner)
+            with torch.no_grad():
+                now = self._meta_loss(self.model, (inputs, targets))
+            return {"losses": now.detach()}
+        result = method.meta_step(
+            self.model, (inputs, targets), self._meta_batch(), self._meta_loss, **inner
+        )
+        return {"losses": None, "weights": result.weights}
+
     @torch.no_grad()
     def evaluate(self, split: str) -> dict[str, Any]:
         """Metrics and mean task losses on ``split`` ("val" or "test")."""
@@ -464,6 +527,7 @@ class Trainer:
                 "method": self.method.state_dict(),
                 "scaler": self.scaler.state_dict(),
                 "sampler": {**self.sampler.state_dict(), "position": self.position},
+                "meta_sampler": self.meta_sampler.state_dict(),
                 "rng": get_rng_state(),
                 "step": self.step,
                 "epoch": self.epoch,
@@ -488,6 +552,8 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.sampler.load_state_dict(state["sampler"])
         self.position = self.sampler.position
+        self.meta_sampler.load_state_dict(state["meta_sampler"])
+        self._meta_batches = None
         set_rng_state(state["rng"])
         self.step, self.epoch = state["step"], state["epoch"]
         self.history, self.reference = state["history"], state["reference"]

@@ -207,3 +207,12 @@ def test_sequential_reptile_steps_through_its_meta_step():
     result = t.fit()
     assert t.step == 5 and result.best_epoch == 1
     assert any(not torch.equal(a, b) for a, b in zip(before, params_of(t)))
+
+
+def test_plateau_scheduler_steps_on_the_validation_score():
+    t = make_trainer("ew", epochs=3, select="loss")
+    t.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(t.optimizer, patience=0, factor=0.5)
+    seen = []
+    t.scheduler.step = lambda metric: seen.append(metric)  # type: ignore[method-assign]
+    result = t.fit()
+    assert seen == [r["score"] for r in result.history]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -425,7 +426,11 @@ class Trainer:
             else:
                 self.optimizer.step()
             self.step += 1
-            if self.scheduler is not None and self.config.scheduler_interval == "step":
+            if (
+                self.scheduler is not None
+                and self.config.scheduler_interval == "step"
+                and not isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+            ):
                 self.scheduler.step()
             if self.method.needs_losses_after_step:
                 with torch.no_grad():
@@ -644,18 +649,26 @@ class Trainer:
 
     def _end_epoch(self, train_losses: Sequence[float]) -> None:
         self.epoch += 1
-        if self.scheduler is not None and self.config.scheduler_interval == "epoch":
-            self.scheduler.step()
         val = self.evaluate("val")
         self.latest_val = val
         test = self.evaluate("test") if "test" in self.eval_loaders else None
+        score = self._score(val)
+        plateau = isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+        if plateau:
+            self.scheduler.step(score)  # on the validation selection score, lower is better
+        elif self.scheduler is not None and self.config.scheduler_interval == "epoch":
+            with warnings.catch_warnings():
+                # A run resumed right at an epoch's end steps the scheduler before this
+                # process stepped the optimizer; the order of the two is still right.
+                warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step()`")
+                self.scheduler.step()
         record = {
             "epoch": self.epoch,
             "train_losses": list(train_losses),
             "val": val["metrics"],
             "val_losses": val["losses"],
             "test": {} if test is None else test["metrics"],
-            "score": self._score(val),
+            "score": score,
             "weights": None
             if self._weight_sums is None
             else [v / self._weight_count for v in self._weight_sums],

@@ -216,3 +216,37 @@ def test_plateau_scheduler_steps_on_the_validation_score():
     t.scheduler.step = lambda metric: seen.append(metric)  # type: ignore[method-assign]
     result = t.fit()
     assert seen == [r["score"] for r in result.history]
+
+
+def test_gradient_clipping_bounds_the_step():
+    t = make_trainer("mgda", epochs=1, grad_clip=1e-3)
+    t.optimizer = torch.optim.SGD(t.model.parameters(), lr=1.0)
+    t.scheduler = None
+    seen = []
+    original = t.optimizer.step
+
+    def step(*args, **kwargs):
+        norm = torch.linalg.vector_norm(
+            torch.stack([p.grad.norm() for p in t.model.parameters() if p.grad is not None])
+        )
+        seen.append(float(norm))
+        return original(*args, **kwargs)
+
+    t.optimizer.step = step  # type: ignore[method-assign]
+    t.fit()
+    assert len(seen) == 5 and max(seen) <= 1e-3 * (1 + 1e-5)
+
+
+def test_tensorboard_needs_its_package(tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_tensorboard(name, *args, **kwargs):
+        if name.startswith("torch.utils.tensorboard"):
+            raise ImportError("No module named 'tensorboard'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+    with pytest.raises(ImportError, match="pip install tensorboard"):
+        make_trainer("ew", tmp_path, epochs=1, tensorboard=True)

@@ -36,7 +36,12 @@ class Recipe:
         epochs, batch_size, eval_batch_size: as in :class:`polytask.train.TrainConfig`.
         optimizer: ``"adam"``, ``"adamw"`` or ``"sgd"``; ``lr``, ``weight_decay`` and
             ``momentum`` (SGD) its settings.
-        scheduler: ``None``, ``"step"`` (``step_size`` epochs, ``gamma``) or ``"cosine"``.
+        scheduler: ``None``, ``"step"`` (``step_size`` epochs, ``gamma``), ``"cosine"``,
+            ``"poly"`` (lr * (1 - epoch / epochs) ** ``poly_power``, the schedule of DeepLab
+            and of Vandenhende et al.'s PASCAL-Context and NYUD recipes) or ``"plateau"``
+            (:class:`torch.optim.lr_scheduler.ReduceLROnPlateau` in mode "min": the lr is
+            multiplied by ``plateau_factor`` after ``plateau_patience`` epochs without a
+            lower validation score, not below ``min_lr``; its ``step`` takes that score).
         mode: ``"params"`` or ``"features"`` for the gradient methods.
         select: model selection on validation (see :class:`polytask.train.TrainConfig`).
     """
@@ -51,6 +56,10 @@ class Recipe:
     scheduler: str | None = None
     step_size: int = 10
     gamma: float = 0.5
+    poly_power: float = 0.9
+    plateau_factor: float = 0.1
+    plateau_patience: int = 10
+    min_lr: float = 0.0
     mode: str = "params"
     select: str = "delta_m"
 
@@ -84,7 +93,24 @@ class Recipe:
             return torch.optim.lr_scheduler.StepLR(optimizer, self.step_size, gamma=self.gamma)
         if self.scheduler == "cosine":
             return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.epochs)
-        raise ValueError(f"scheduler={self.scheduler!r} must be None, 'step' or 'cosine'")
+        if self.scheduler == "poly":
+            epochs, power = self.epochs, self.poly_power
+            # Clamped at 0 so that stepping past the last epoch cannot raise a negative
+            # number to a fractional power.
+            return torch.optim.lr_scheduler.LambdaLR(
+                optimizer, lambda epoch: max(0.0, 1.0 - epoch / epochs) ** power
+            )
+        if self.scheduler == "plateau":
+            return torch.optim.lr_scheduler.ReduceLROnPlateau(
+                optimizer,
+                mode="min",
+                factor=self.plateau_factor,
+                patience=self.plateau_patience,
+                min_lr=self.min_lr,
+            )
+        raise ValueError(
+            f"scheduler={self.scheduler!r} must be None, 'step', 'cosine', 'poly' or 'plateau'"
+        )
 
 
 def _coerce(key: str, value: Any, current: Any) -> Any:
@@ -170,6 +196,7 @@ _MODULES = (
     "polytask.data.multi_mnist",
     "polytask.data.qm9",
     "polytask.data.river_sets",
+    "polytask.data.pascal_context",
 )
 _loaded = False
 

@@ -141,6 +141,7 @@ def run(
         if store is not None and not is_stl:
             baselines = baseline_scores(store, benchmark, arch, "val", names, recipe_dict) or None
         config = TrainConfig(
+            kpi_metrics=_kpi_metrics(tasks) if "kpis" in balancing.needs else None,
             epochs=recipe.epochs,
             batch_size=recipe.batch_size,
             eval_batch_size=recipe.eval_batch_size,
@@ -193,6 +194,20 @@ def run(
             peak_memory_mb=_peak_memory_mb(torch.device(device)),
         )
     return record
+
+
+def _kpi_metrics(tasks: TaskSet) -> dict[str, str]:
+    """Each task's first higher-is-better metric, as its KPI (DTP's accuracy-like signal)."""
+    out = {}
+    for task in tasks:
+        good = [name for name, higher in task.directions.items() if higher]
+        if not good:
+            raise ValueError(
+                f"task {task.name!r} has no higher-is-better metric to serve as DTP's KPI "
+                f"(its metrics: {sorted(task.directions)})"
+            )
+        out[task.name] = good[0]
+    return out
 
 
 def _with_seed(method: str, hparams: Mapping[str, Any], seed: int) -> dict[str, Any]:

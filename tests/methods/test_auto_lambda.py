@@ -121,6 +121,20 @@ def test_backward_uses_the_current_weights_and_leaves_them_without_grad():
     assert method.needs_meta_step and not method.meta_step_replaces_step
 
 
+def test_reported_weights_do_not_follow_later_meta_steps():
+    """In float32 (the lambdas' dtype) the weights backward reports are a copy: the next meta
+    step moves lambda in place, not the record of the step already taken."""
+    k = 2
+    model = tiny_model(k).float()
+    x, ys = make_batch(k, seed=0)
+    batch = x.float(), [y.float() for y in ys]
+    method = polytask.methods.create("auto_lambda", k, init=0.4, meta_lr=0.1)
+    result = method.backward(loss_fn(model, batch), shared_params=model["encoder"].parameters())
+    method.meta_step(model, batch, batch, loss_fn, inner_lr=0.1)
+    assert not torch.equal(method.lambdas.detach(), torch.full((k,), 0.4))
+    assert torch.equal(result.weights, torch.full((k,), 0.4))
+
+
 @pytest.mark.parametrize(
     ("hparams", "match"),
     [

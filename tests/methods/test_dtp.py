@@ -112,6 +112,9 @@ def test_state_dict_round_trip():
     [
         ({"gamma": -1.0}, "gamma"),
         ({"gamma": [1.0, 2.0, 3.0]}, "gamma"),
+        # Not numbers: the error names the value instead of a bare TypeError/ValueError.
+        ({"gamma": True}, "gamma=True"),
+        ({"gamma": "ab"}, "gamma='ab'"),
         ({"alpha": 0.0}, "alpha"),
         ({"alpha": 1.5}, "alpha"),
     ],

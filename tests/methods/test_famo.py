@@ -172,6 +172,9 @@ def test_state_dict_round_trip_mid_training():
         ({"w_lr": 0.0}, "w_lr=0.0"),
         ({"min_losses": [0.0]}, "min_losses"),
         ({"min_losses": [0.0, float("inf")]}, "min_losses"),
+        # Not a sequence of numbers: the error names the value instead of a bare TypeError.
+        ({"min_losses": 0.0}, "min_losses=0.0 must hold 2"),
+        ({"min_losses": "ab"}, "min_losses='ab' must hold 2"),
     ],
 )
 def test_invalid_hyperparameters(kw, match):

@@ -144,6 +144,30 @@ def test_meta_step_leaves_the_model_untouched(name):
     assert not optimizer.state
 
 
+@pytest.mark.parametrize("name", ["auto_lambda", "moml"])
+def test_loading_a_live_state_dict_does_not_alias_the_meta_optimizer(name):
+    """``b.load_state_dict(a.state_dict())`` copies a's Adam moments, as it copies a's weights:
+    b's meta steps leave a's moments, step count and next meta step unchanged."""
+    k = 2
+    model = tiny_model(k)
+    batches = make_batch(k, seed=1), make_batch(k, seed=2)
+    source = polytask.methods.create(name, k)
+    for _ in range(2):
+        source.meta_step(model, *batches, loss_fn, inner_lr=0.1)
+    param = next(iter(source.parameters()))
+    moments = {key: t.clone() for key, t in source._meta_optimizer.state[param].items()}
+    twin = polytask.methods.create(name, k)
+    twin.load_state_dict(source.state_dict())
+    twin.meta_step(model, *batches, loss_fn, inner_lr=0.1)
+    for key, t in source._meta_optimizer.state[param].items():
+        assert torch.equal(t, moments[key]), key
+    expected = twin.meta_step(model, *batches, loss_fn, inner_lr=0.1).weights
+    restored = polytask.methods.create(name, k)
+    restored.load_state_dict(source.state_dict())
+    restored.meta_step(model, *batches, loss_fn, inner_lr=0.1)
+    assert torch.equal(restored.meta_step(model, *batches, loss_fn, inner_lr=0.1).weights, expected)
+
+
 def test_finite_differences_share_dropout_masks():
     """With dropout, the two perturbed forwards of a central difference must see the same
     mask, or the difference is noise of order 1 / eps. With shared masks the estimate stays

@@ -113,6 +113,19 @@ def test_state_dict_round_trip_draws_the_same_tasks():
     assert torch.equal(a.extras["tasks"], b.extras["tasks"])
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_method_moved_to_the_gpu_draws_the_same_tasks():
+    """``method.to("cuda")`` moves the ``probs`` buffer, but the generator stays on the CPU:
+    the draw must still work, and give the tasks of a CPU method with the same seed."""
+    k = 3
+    batches = [make_batch(k, seed=s) for s in range(5)]
+    on_cpu = polytask.methods.create("sequential_reptile", k, seed=4)
+    on_gpu = polytask.methods.create("sequential_reptile", k, seed=4).to("cuda")
+    a = on_cpu.meta_step(tiny_model(k), batches, None, loss_fn, inner_lr=1e-3)
+    b = on_gpu.meta_step(tiny_model(k), batches, None, loss_fn, inner_lr=1e-3)
+    assert torch.equal(a.extras["tasks"], b.extras["tasks"])
+
+
 def test_backward_is_equal_weighting_and_says_so():
     k = 2
     model = tiny_model(k)
@@ -157,7 +170,9 @@ def test_bad_meta_step_inputs():
     [
         (dict(outer_lr=0.0), r"outer_lr=0.0 must lie in \(0, 1\]"),
         (dict(outer_lr=1.5), "outer_lr=1.5"),
-        (dict(task_probs=[1.0]), "task_probs has 1 entries"),
+        (dict(task_probs=[1.0]), r"task_probs=\[1.0\] must hold 2 probabilities"),
+        # Not numbers: the error names the value instead of a bare ValueError.
+        (dict(task_probs="ab"), "task_probs='ab' must hold 2"),
         (dict(task_probs=[1.0, -1.0]), "non-negative"),
         (dict(task_probs=[0.0, 0.0]), "not all zero"),
     ],

@@ -130,6 +130,10 @@ def test_state_dict_round_trip_restores_the_log_variances():
         ({"task_types": "poisson"}, "poisson"),
         ({"init_log_variance": [0.0]}, "init_log_variance"),
         ({"init_log_variance": float("nan")}, "init_log_variance"),
+        # Not numbers: the error names the value instead of a bare TypeError/ValueError.
+        ({"init_log_variance": True}, "init_log_variance=True"),
+        ({"init_log_variance": "ab"}, "init_log_variance='ab'"),
+        ({"task_types": 3}, "task_types=3"),
     ],
 )
 def test_invalid_hyperparameters(kwargs, match):

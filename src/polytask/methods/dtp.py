@@ -58,8 +58,15 @@ class DTP(LossMethod):
         if isinstance(gamma, (int, float)) and not isinstance(gamma, bool):
             gammas = torch.full((num_tasks,), float(gamma), dtype=torch.float64)
         else:
-            gammas = torch.as_tensor(list(gamma), dtype=torch.float64)
-        if gammas.shape != (num_tasks,) or not bool((torch.isfinite(gammas) & (gammas >= 0)).all()):
+            try:
+                gammas = torch.as_tensor(list(gamma), dtype=torch.float64)
+            except (TypeError, ValueError, RuntimeError):
+                gammas = None  # not a sequence of numbers: the error below names it
+        if (
+            gammas is None
+            or gammas.shape != (num_tasks,)
+            or not bool((torch.isfinite(gammas) & (gammas >= 0)).all())
+        ):
             raise InvalidHyperparameterError(
                 f"gamma={gamma!r} must be a finite non-negative float or {num_tasks} of them"
             )

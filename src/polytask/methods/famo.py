@@ -99,10 +99,14 @@ class FAMO(LossMethod):
         if min_losses is None:
             floor = torch.zeros(num_tasks, dtype=torch.float64)
         else:
-            floor = torch.as_tensor(list(min_losses), dtype=torch.float64)
-            if floor.shape != (num_tasks,) or not bool(torch.isfinite(floor).all()):
+            try:
+                floor = torch.as_tensor(list(min_losses), dtype=torch.float64)
+            except (TypeError, ValueError, RuntimeError):
+                floor = None  # not a sequence of numbers: the error below names it
+            shape_ok = floor is not None and floor.shape == (num_tasks,)
+            if not shape_ok or not bool(torch.isfinite(floor).all()):
                 raise InvalidHyperparameterError(
-                    f"min_losses={list(min_losses)!r} must hold {num_tasks} finite numbers "
+                    f"min_losses={min_losses!r} must hold {num_tasks} finite numbers "
                     "(one lower bound per task)"
                 )
         self.min_losses = None if min_losses is None else tuple(floor.tolist())

@@ -67,6 +67,7 @@ differentiating through the step with ``create_graph=True``).
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -148,7 +149,9 @@ class MetaMethod(LossMethod):
         raise NotImplementedError
 
     def objective(self, losses: Tensor, **ctx: Any) -> tuple[Tensor, Tensor]:
-        w = self.task_weights().to(losses)
+        # A copy: task_weights() may be a view of the learned parameter, which the next meta
+        # step updates in place; the reported weights must stay those of this step.
+        w = self.task_weights().to(losses, copy=True)
         return (w * losses).sum(), w
 
     def meta_step(
@@ -194,7 +197,10 @@ class MetaMethod(LossMethod):
     def set_extra_state(self, state: dict[str, Any]) -> None:
         super().set_extra_state(state)
         if "meta_optimizer" in state:
-            self._meta_optimizer.load_state_dict(state["meta_optimizer"])
+            # A copy: Optimizer.load_state_dict keeps the given moment tensors, which Adam then
+            # updates in place, so loading another live method's state_dict would alias (and
+            # corrupt) that method's moments, unlike the parameters, which are copied in.
+            self._meta_optimizer.load_state_dict(copy.deepcopy(state["meta_optimizer"]))
 
 
 # -- checks -------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ class MOML(MetaMethod):
     NeurIPS 2021 (Algorithm 1; official code github.com/Baijiong-Lin/MOML, ``MTL/``).
 
     As in the official code: lambda = softmax(s) with s initialised to 1/K (uniform weights),
-    the MGDA weights found on the l2-normalised hyper-gradients and applied to the raw ones
+    the MGDA weights found on the normalised hyper-gradients and applied to the raw ones
     (back-propagating sum_k gamma_k V_k), exact second-order hyper-gradients (the official code
     differentiates through the step with ``create_graph=True``; ``hessian="exact"`` gets the
     same numbers from the K task gradients, see :mod:`polytask.methods.meta`), and a plain
@@ -51,7 +51,9 @@ class MOML(MetaMethod):
         num_tasks: K.
         meta_lr: Adam learning rate of s; default 1e-4 (official NYUv2 setting; 1e-3 for
             Office-31 / Office-Home).
-        normalization: of the hyper-gradients before MGDA: ``"l2"`` (default, official code),
+        normalization: of the hyper-gradients before MGDA: ``"l2"`` (default; the official
+            Office-31/Office-Home script, ``moml_office.py``; its NYUv2 script,
+            ``moml_nyu.py``, uses ``"loss"``),
             ``"none"``, ``"loss"``, ``"loss+"`` (as :class:`polytask.methods.mgda.MGDA`).
         hessian: ``"exact"`` (default) or ``"finite_difference"`` (2K forwards instead of K
             backwards).

@@ -87,10 +87,14 @@ class SequentialReptile(MetaMethod):
         if task_probs is None:
             probs = torch.full((num_tasks,), 1.0 / num_tasks, dtype=torch.float64)
         else:
-            probs = torch.as_tensor(list(task_probs), dtype=torch.float64)
-            if probs.shape != (num_tasks,):
+            try:
+                probs = torch.as_tensor(list(task_probs), dtype=torch.float64)
+            except (TypeError, ValueError, RuntimeError):
+                probs = None  # not a sequence of numbers: the error below names it
+            if probs is None or probs.shape != (num_tasks,):
                 raise InvalidHyperparameterError(
-                    f"task_probs has {probs.numel()} entries, expected num_tasks={num_tasks}"
+                    f"task_probs={task_probs!r} must hold {num_tasks} probabilities, one per "
+                    f"task (num_tasks={num_tasks})"
                 )
             if not bool(torch.isfinite(probs).all()) or bool((probs < 0).any()) or probs.sum() <= 0:
                 raise InvalidHyperparameterError(
@@ -172,7 +176,9 @@ class SequentialReptile(MetaMethod):
 
     def _tasks(self, tasks: Sequence[int] | None, steps: int) -> Tensor:
         if tasks is None:
-            return torch.multinomial(self.probs, steps, replacement=True, generator=self.generator)
+            # The generator lives on the CPU; a buffer moved to a GPU cannot be drawn from it.
+            probs = self.probs.cpu()
+            return torch.multinomial(probs, steps, replacement=True, generator=self.generator)
         if isinstance(tasks, Tensor):
             tasks = tasks.tolist()
         tasks = list(tasks)

@@ -62,7 +62,15 @@ class UncertaintyWeighting(LossMethod):
         **kwargs: Any,
     ) -> None:
         super().__init__(num_tasks, **kwargs)
-        types = [task_types] * num_tasks if isinstance(task_types, str) else list(task_types)
+        if isinstance(task_types, str):
+            types = [task_types] * num_tasks
+        elif isinstance(task_types, Sequence):
+            types = list(task_types)
+        else:
+            raise InvalidHyperparameterError(
+                f"task_types={task_types!r} must be 'regression', 'classification' or a "
+                f"sequence of {num_tasks} of them"
+            )
         if len(types) != num_tasks:
             raise InvalidHyperparameterError(
                 f"task_types has {len(types)} entries, expected num_tasks={num_tasks} "
@@ -76,8 +84,11 @@ class UncertaintyWeighting(LossMethod):
         if isinstance(init_log_variance, (int, float)) and not isinstance(init_log_variance, bool):
             init = torch.full((num_tasks,), float(init_log_variance))
         else:
-            init = torch.as_tensor(list(init_log_variance), dtype=torch.float32)
-        if init.shape != (num_tasks,) or not bool(torch.isfinite(init).all()):
+            try:
+                init = torch.as_tensor(list(init_log_variance), dtype=torch.float32)
+            except (TypeError, ValueError, RuntimeError):
+                init = None  # not a sequence of numbers: the error below names it
+        if init is None or init.shape != (num_tasks,) or not bool(torch.isfinite(init).all()):
             raise InvalidHyperparameterError(
                 f"init_log_variance={init_log_variance!r} must be a finite float or "
                 f"{num_tasks} finite floats"

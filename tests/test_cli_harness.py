@@ -53,6 +53,16 @@ def test_usage_errors_exit_2(tmp_path, capsys):
     assert main(["run", "synthetic_mmoe", "--method", "ew", "--set", "epochs=two", *store]) == 2
     assert "expects int" in capsys.readouterr().err
     assert main(["run", "nope", "--method", "ew", *store]) == 2
+    # Δm selection needs the single-task baselines first; nothing is trained or stored.
+    assert main(["run", "synthetic_mmoe", "--method", "ew", *store]) == 2
+    assert "polytask baselines synthetic_mmoe" in capsys.readouterr().err
+    assert ResultsStore(tmp_path / "r.sqlite").runs() == []
+    config = tmp_path / "bad.toml"
+    config.write_text(
+        'benchmark = "synthetic_mmoe"\nmethods = ["ew"]\nseeds = [0]\n[recipe]\nepochz = 1\n'
+    )
+    assert main(["sweep", str(config)]) == 2
+    assert "[recipe]: unknown recipe key 'epochz'" in capsys.readouterr().err
     assert main(["report", "--store", str(tmp_path / "missing.sqlite")]) == 2
     with pytest.raises(SystemExit) as exc:
         main(["run", "synthetic_mmoe"])  # --method is required

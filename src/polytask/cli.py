@@ -23,6 +23,7 @@ import sys
 from collections.abc import Sequence
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 import polytask
@@ -250,11 +251,13 @@ def _cmd_demo(args: argparse.Namespace, console: Console) -> int:
         try:
             methods.get(name)
         except ValueError as exc:
-            console.print(f"[red]error:[/red] {exc}")
+            console.print(f"[red]error:[/red] {escape(str(exc))}")
             return 2
         reason = toy.toy_support(name)
         if reason is not None:
-            console.print(f"[red]error:[/red] cannot run {name} on the toy problem: {reason}")
+            console.print(
+                f"[red]error:[/red] cannot run {name} on the toy problem: {escape(reason)}"
+            )
             return 2
 
     if args.steps is None:
@@ -318,7 +321,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (ValueError, KeyError, TypeError, FileNotFoundError) as exc:
             # Bad names, values or configuration: the message says what to change.
             message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-            Console(stderr=True).print(f"[red]error:[/red] {message}", highlight=False)
+            Console(stderr=True, soft_wrap=True).print(
+                f"[red]error:[/red] {escape(str(message))}", highlight=False
+            )
             return 2
     parser.print_help()
     return 0
@@ -356,7 +361,7 @@ def _cmd_list(args: argparse.Namespace, console: Console) -> int:
 def _cmd_run(args: argparse.Namespace, console: Console) -> int:
     from polytask.data import benchmark as benchmarks
     from polytask.results.store import ResultsStore
-    from polytask.train.runner import STL, run
+    from polytask.train.runner import STL, RunSetupError, run
 
     bench = benchmarks.get(args.benchmark)
     arch = bench.check_arch(args.arch)
@@ -394,8 +399,12 @@ def _cmd_run(args: argparse.Namespace, console: Console) -> int:
                 tasks_subset=subset,
                 progress=args.progress,
             )
-        except polytask.errors.PolytaskError as exc:
-            console.print(f"  [red]failed:[/red] {type(exc).__name__}: {exc}", highlight=False)
+        except RunSetupError:
+            raise
+        except Exception as exc:  # the run failed; the store has its traceback
+            console.print(
+                f"  [red]failed:[/red] {escape(f'{type(exc).__name__}: {exc}')}", highlight=False
+            )
             failed += 1
             continue
         if record is None:
@@ -429,7 +438,7 @@ def _cmd_sweep(args: argparse.Namespace, console: Console) -> int:
 
     def show(label: str, outcome: str) -> None:
         colour = "red" if outcome.startswith("failed") else "green"
-        console.print(f"  [{colour}]{outcome}[/{colour}] {label}", highlight=False)
+        console.print(f"  [{colour}]{escape(outcome)}[/{colour}] {escape(label)}", highlight=False)
 
     results = run_sweep(config, on_result=show)
     failed = sum(outcome.startswith("failed") for _, outcome in results)

@@ -66,10 +66,29 @@ def test_killed_run_is_marked_interrupted_and_rerun(tmp_path):
     store = ResultsStore(path)
     (dead,) = store.runs(method="dies")
     assert dead.status == "running"
-    new_id = store.claim(spec("dies"))
-    assert new_id is not None and new_id != dead.id
-    statuses = {r.id: r.status for r in store.runs(method="dies")}
-    assert statuses == {dead.id: "interrupted", new_id: "running"}
+    # The interrupted run is continued under its own row: one record per run.
+    assert store.claim(spec("dies")) == dead.id
+    assert [r.status for r in store.runs(method="dies")] == ["running"]
+
+
+def test_a_reused_pid_does_not_keep_a_dead_run_alive(tmp_path):
+    store = ResultsStore(tmp_path / "r.sqlite")
+    run_id = store.claim(spec())
+    # Pretend the claimer died and pid 1 (alive, started long before) took its number.
+    with store._connect() as conn:
+        conn.execute("UPDATE runs SET pid = 1, proc_start = '1' WHERE id = ?", (run_id,))
+    assert store.mark_stale() == 1
+    assert store.runs()[0].status == "interrupted"
+
+
+def test_non_finite_numbers_and_strings_survive_the_round_trip(tmp_path):
+    store = ResultsStore(tmp_path / "r.sqlite")
+    run_id = store.claim(RunSpec("b", "a", "m", 0, {"mode": "inf"}, {"lr": float("inf")}))
+    store.log_epoch(run_id, 1, "val", {"a": float("nan")}, [float("inf"), 1.0])
+    (rec,) = store.runs()
+    assert rec.hparams == {"mode": "inf"} and rec.recipe == {"lr": float("inf")}
+    (row,) = store.epochs(run_id)
+    assert row["losses"][0] == float("inf") and row["metrics"]["a"] != row["metrics"]["a"]
 
 
 def test_failed_runs_keep_their_error(tmp_path):

@@ -139,3 +139,15 @@ def test_task_set_directions_losses_and_split_metrics():
         tasks.losses(out, {"cls": tgt["cls"]})
     with pytest.raises(ValueError, match="distinct"):
         TaskSet([Task("a", losses.mse), Task("a", losses.mse)])
+
+
+def test_undefined_values_are_nan_not_zero():
+    one_class = AUC()
+    one_class.update(torch.randn(5, generator=GEN), torch.ones(5))
+    assert math.isnan(one_class.compute()["auc"])
+    unlabelled = MeanError("mae")
+    unlabelled.update(torch.randn(3, generator=GEN), torch.full((3,), float("nan")))
+    assert math.isnan(unlabelled.compute()["mae"])
+    acc = Accuracy(3)
+    acc.update(torch.randn(2, 3, generator=GEN), torch.tensor([-1, -1]))
+    assert math.isnan(acc.compute()["acc"])

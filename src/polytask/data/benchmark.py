@@ -9,6 +9,7 @@ paper that defined the setting (:class:`Recipe`). Benchmarks register by name in
 from __future__ import annotations
 
 import importlib
+import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
@@ -44,6 +45,8 @@ class Recipe:
             lower validation score, not below ``min_lr``; its ``step`` takes that score).
         mode: ``"params"`` or ``"features"`` for the gradient methods.
         select: model selection on validation (see :class:`polytask.train.TrainConfig`).
+        precision, accumulate, grad_clip, scheduler_interval, checkpoint_every, num_workers:
+            as in :class:`polytask.train.TrainConfig`.
     """
 
     epochs: int = 10
@@ -62,16 +65,25 @@ class Recipe:
     min_lr: float = 0.0
     mode: str = "params"
     select: str = "delta_m"
+    precision: str = "fp32"
+    accumulate: int = 1
+    grad_clip: float | None = None
+    scheduler_interval: str = "epoch"
+    checkpoint_every: int | None = None
+    num_workers: int = 0
 
     def override(self, values: Mapping[str, Any]) -> Recipe:
-        """A copy with ``values`` applied; an unknown key or a wrong type names itself."""
+        """A copy with ``values`` applied; an unknown key, a wrong type or a value outside a
+        field's choices names itself."""
         known = {f.name: f for f in fields(self)}
         out = {}
         for key, value in values.items():
             if key not in known:
                 raise KeyError(f"unknown recipe key {key!r}; the recipe has {sorted(known)}")
-            current = getattr(self, key)
-            out[key] = _coerce(key, value, current)
+            value = _coerce(key, value, _FIELD_TYPES[key])
+            if key in _CHOICES and value not in _CHOICES[key]:
+                raise ValueError(f"recipe key {key!r} is {value!r}; choose one of {_CHOICES[key]}")
+            out[key] = value
         return replace(self, **out)
 
     def make_optimizer(self, params: Any) -> torch.optim.Optimizer:
@@ -113,36 +125,43 @@ class Recipe:
         )
 
 
-def _coerce(key: str, value: Any, current: Any) -> Any:
-    """``value`` as the type of the field's current value (from a CLI string or TOML)."""
-    if isinstance(value, str) and not isinstance(current, str):
-        text = value.strip()
-        if text.lower() in ("none", "null"):
+#: Each recipe field's declared type (``int | None`` and the like).
+_FIELD_TYPES = typing.get_type_hints(Recipe)
+#: Fields whose value is one of a few names.
+_CHOICES: dict[str, tuple[Any, ...]] = {
+    "optimizer": ("adam", "adamw", "sgd"),
+    "scheduler": (None, "step", "cosine", "poly", "plateau"),
+    "mode": ("params", "features"),
+    "precision": ("fp32", "bf16", "fp16"),
+    "scheduler_interval": ("epoch", "step"),
+}
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """``value`` as the field's declared type (from a CLI string or a TOML value)."""
+    args = typing.get_args(annotation) or (annotation,)
+    nullable = type(None) in args
+    (base,) = [a for a in args if a is not type(None)]
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null")):
+        if nullable:
             return None
+        raise TypeError(f"recipe key {key!r} expects {base.__name__}, not None")
+    if isinstance(value, str) and base is not str:
+        text = value.strip()
         try:
-            if isinstance(current, bool):
+            if base is bool:
                 if text.lower() not in ("true", "false"):
                     raise ValueError
                 return text.lower() == "true"
-            if isinstance(current, int):
-                return int(text)
-            if isinstance(current, float):
-                return float(text)
-            if current is None:
-                return text
+            return base(text)
         except ValueError:
-            raise TypeError(
-                f"recipe key {key!r} expects {type(current).__name__}, got {value!r}"
-            ) from None
-    if current is not None and value is not None:
-        expected = float if isinstance(current, float) else type(current)
-        if expected is float and isinstance(value, int) and not isinstance(value, bool):
-            return float(value)
-        if not isinstance(value, expected) or isinstance(value, bool) != isinstance(current, bool):
-            raise TypeError(
-                f"recipe key {key!r} expects {expected.__name__}, got {value!r} "
-                f"({type(value).__name__})"
-            )
+            raise TypeError(f"recipe key {key!r} expects {base.__name__}, got {value!r}") from None
+    if base is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, base) or isinstance(value, bool) != (base is bool):
+        raise TypeError(
+            f"recipe key {key!r} expects {base.__name__}, got {value!r} ({type(value).__name__})"
+        )
     return value
 
 

@@ -314,6 +314,12 @@ def _method_rows(
             }
         rows.append(row)
 
+    seeds = sorted({len(r.delta_m.values) for r in rows if r.delta_m is not None})
+    if len(seeds) > 1:
+        notes.append(
+            f"Rows average different numbers of seeds ({', '.join(map(str, seeds))}); a mean "
+            "over fewer seeds is less certain (see the Seeds column) before reading the ranks."
+        )
     ranked = {i: r.delta_m.mean for i, r in enumerate(rows) if r.delta_m is not None}
     for i, rank in _competition_ranks(ranked).items():
         rows[i].rank = rank
@@ -369,7 +375,14 @@ def build_tables(
     for benchmark in names:
         dirs = _directions_for(benchmark, directions)
         runs = [r for r in finished if r.benchmark == benchmark]
-        unfinished = [r for r in every if r.benchmark == benchmark and r.status != "finished"]
+        # A key finished later (a failed run rerun) is not left out: count the keys that
+        # never finished.
+        done = {r.key for r in runs}
+        unfinished = [
+            r
+            for r in every
+            if r.benchmark == benchmark and r.status != "finished" and r.key not in done
+        ]
         recipes: dict[str, dict[str, Any]] = {}
         for run in runs:
             recipes.setdefault(_canonical(run.recipe), run.recipe)

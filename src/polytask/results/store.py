@@ -44,6 +44,7 @@ _SCHEMA = [
         git_commit TEXT,
         host TEXT,
         pid INTEGER,
+        proc_start TEXT,
         started_at TEXT,
         ended_at TEXT,
         wall_time REAL,
@@ -76,7 +77,7 @@ def _now() -> str:
 def _dumps(value: Any) -> str:
     def clean(v: Any) -> Any:
         if isinstance(v, float) and not math.isfinite(v):
-            return str(v)
+            return {_NONFINITE: str(v)}
         if isinstance(v, Mapping):
             return {str(k): clean(x) for k, x in v.items()}
         if isinstance(v, (list, tuple)):
@@ -86,14 +87,24 @@ def _dumps(value: Any) -> str:
     return json.dumps(clean(value), sort_keys=True)
 
 
+_NONFINITE = "__nonfinite__"
+
+
 def _loads(text: str | None) -> Any:
+    """Inverse of :func:`_dumps` (non-finite floats are tagged, so strings stay strings)."""
     if text is None:
         return None
 
-    def hook(d: dict) -> dict:
-        return {k: float(v) if v in ("nan", "inf", "-inf") else v for k, v in d.items()}
+    def decode(v: Any) -> Any:
+        if isinstance(v, dict):
+            if set(v) == {_NONFINITE}:
+                return float(v[_NONFINITE])
+            return {k: decode(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [decode(x) for x in v]
+        return v
 
-    return json.loads(text, object_hook=hook)
+    return decode(json.loads(text))
 
 
 @dataclass(frozen=True)
@@ -169,6 +180,16 @@ class ResultsStore:
                     autoincrement="GENERATED ALWAYS AS IDENTITY" if self.postgres else ""
                 )
                 conn.execute(sql)
+            self._migrate(conn)
+
+    def _migrate(self, conn: Any) -> None:
+        # Columns added after the first release of the schema.
+        if self.postgres:
+            conn.execute("ALTER TABLE runs ADD COLUMN IF NOT EXISTS proc_start TEXT")
+            return
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(runs)").fetchall()}
+        if "proc_start" not in columns:
+            conn.execute("ALTER TABLE runs ADD COLUMN proc_start TEXT")
 
     # -- connections ---------------------------------------------------------------------
     @contextmanager
@@ -207,30 +228,48 @@ class ResultsStore:
     def claim(self, spec: RunSpec, *, provenance: Mapping[str, Any] | None = None) -> int | None:
         """Start a run of ``spec`` unless a finished one exists (then return ``None``).
 
-        A ``running`` row of the same key whose process is gone (same host, dead pid) is
-        marked ``interrupted`` first; a live one makes this return ``None`` too (another
-        worker is on it).
+        A ``running`` row of the same key whose process is gone (same host; its pid dead or
+        reused by a process started later) is marked ``interrupted`` first; a live one makes
+        this return ``None`` too (another worker is on it). A run on another host is taken
+        for alive: ``mark_stale`` there, or ``fail(run_id, ..., status="interrupted")``,
+        releases it. An interrupted run is continued under its own row (a resumed run keeps
+        one record); a failed one keeps its row and error, and the rerun gets a new row.
         """
         key = spec.key
         prov = dict(provenance or {})
         with self._connect() as conn:
+            if self.postgres:
+                # READ COMMITTED would let two claimers both insert: serialise on the key.
+                conn.execute("SELECT pg_advisory_xact_lock(hashtext(?))", (key,))
             rows = conn.execute(
-                "SELECT id, status, host, pid FROM runs WHERE key = ?", (key,)
+                "SELECT id, status, host, pid, proc_start FROM runs WHERE key = ? ORDER BY id",
+                (key,),
             ).fetchall()
-            for run_id, status, host, pid in rows:
+            resumable = None
+            for run_id, status, host, pid, start in rows:
                 if status == "finished":
                     return None
                 if status == "running":
-                    if _alive(host, pid):
+                    if _alive(host, pid, start):
                         return None
                     conn.execute(
                         "UPDATE runs SET status = 'interrupted', ended_at = ? WHERE id = ?",
                         (_now(), run_id),
                     )
+                    status = "interrupted"
+                if status == "interrupted":
+                    resumable = run_id
+            if resumable is not None:
+                conn.execute(
+                    "UPDATE runs SET status = 'running', host = ?, pid = ?, proc_start = ?, "
+                    "ended_at = NULL, error = NULL WHERE id = ?",
+                    (socket.gethostname(), os.getpid(), _proc_start(os.getpid()), resumable),
+                )
+                return int(resumable)
             cur = conn.execute(
                 "INSERT INTO runs (key, benchmark, arch, method, hparams, seed, recipe, status, "
-                "polytask_version, torch_version, git_commit, host, pid, started_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, 'running', ?, ?, ?, ?, ?, ?) RETURNING id",
+                "polytask_version, torch_version, git_commit, host, pid, proc_start, started_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, 'running', ?, ?, ?, ?, ?, ?, ?) RETURNING id",
                 (
                     key,
                     spec.benchmark,
@@ -244,6 +283,7 @@ class ResultsStore:
                     prov.get("git_commit"),
                     socket.gethostname(),
                     os.getpid(),
+                    _proc_start(os.getpid()),
                     _now(),
                 ),
             )
@@ -315,9 +355,9 @@ class ResultsStore:
         """Mark ``running`` rows of this host whose process is gone as ``interrupted``."""
         with self._connect() as conn:
             rows = conn.execute(
-                "SELECT id, host, pid FROM runs WHERE status = 'running'"
+                "SELECT id, host, pid, proc_start FROM runs WHERE status = 'running'"
             ).fetchall()
-            stale = [run_id for run_id, host, pid in rows if not _alive(host, pid)]
+            stale = [run_id for run_id, host, pid, start in rows if not _alive(host, pid, start)]
             for run_id in stale:
                 conn.execute(
                     "UPDATE runs SET status = 'interrupted', ended_at = ? WHERE id = ?",
@@ -373,17 +413,32 @@ class ResultsStore:
         ]
 
 
-def _alive(host: str | None, pid: int | None) -> bool:
-    """Whether a process that claimed a run still runs (unknowable on another host: yes)."""
-    if host != socket.gethostname() or pid is None:
-        return host is not None and host != socket.gethostname()
+def _proc_start(pid: int) -> str | None:
+    """The start time of process ``pid`` (Linux: field 22 of /proc/PID/stat), which tells a
+    process from a later one that reused its pid; ``None`` where /proc is not available."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces: split after its closing parenthesis.
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return fields[19] if len(fields) > 19 else None
+
+
+def _alive(host: str | None, pid: int | None, start: str | None = None) -> bool:
+    """Whether the process that claimed a run still runs (unknowable on another host: yes)."""
+    if host is None or pid is None:
+        return False
+    if host != socket.gethostname():
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    return True
+        pass
+    now = _proc_start(pid)
+    return start is None or now is None or now == start
 
 
 class _PgAdapter:

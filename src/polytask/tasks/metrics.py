@@ -72,7 +72,8 @@ class Accuracy(TaskMetric):
         self.total += hits.numel()
 
     def compute(self) -> dict[str, float]:  # type: ignore[override]
-        return {"acc": float(self.correct) / max(int(self.total), 1)}
+        total = int(self.total)
+        return {"acc": float(self.correct) / total if total else math.nan}
 
 
 class F1(TaskMetric):
@@ -116,13 +117,22 @@ class AUC(TaskMetric):
         super().__init__()
         self.directions = {"auc": True}
         self.inner = BinaryAUROC()
+        self.add_state("positives", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("negatives", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, pred: Tensor, target: Tensor) -> None:  # type: ignore[override]
         pred, target = pred.reshape(-1), target.reshape(-1)
         mask = _binary_mask(target, -1)
-        self.inner.update(pred[mask].float(), target[mask].long())
+        labels = target[mask].long()
+        self.positives += (labels == 1).sum()
+        self.negatives += (labels == 0).sum()
+        self.inner.update(pred[mask].float(), labels)
 
     def compute(self) -> dict[str, float]:  # type: ignore[override]
+        # AUC is undefined without both classes (torchmetrics only warns and returns 0); the
+        # class counts are summed across ranks like every state.
+        if int(self.positives) == 0 or int(self.negatives) == 0:
+            return {"auc": math.nan}
         return {"auc": float(self.inner.compute())}
 
     def reset(self) -> None:
@@ -173,8 +183,8 @@ class MeanError(TaskMetric):
         self.count += mask.sum(dim=0)
 
     def compute(self) -> dict[str, float]:  # type: ignore[override]
-        values = (self.err / self.count.clamp_min(1)).tolist()
-        return dict(zip(self.names, values))
+        values = torch.where(self.count > 0, self.err / self.count.clamp_min(1), torch.nan)
+        return dict(zip(self.names, values.tolist()))
 
 
 class Segmentation(TaskMetric):

@@ -24,7 +24,12 @@ from polytask.results.store import ResultsStore, RunSpec
 from polytask.tasks import TaskSet
 from polytask.train.trainer import TrainConfig, Trainer
 
-__all__ = ["STL", "baseline_scores", "run", "run_baselines"]
+__all__ = ["STL", "RunSetupError", "baseline_scores", "run", "run_baselines"]
+
+
+class RunSetupError(polytask.errors.PolytaskError, ValueError):
+    """A run cannot start as asked (nothing was trained or stored); the message says why."""
+
 
 #: The method name under which single-task baselines are stored.
 STL = "stl"
@@ -68,6 +73,7 @@ def _peak_memory_mb(device: torch.device) -> float | None:
     try:
         import resource
 
+        # The process's peak resident memory so far (a sweep worker's includes earlier runs).
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     except ImportError:  # not on this platform
         return None
@@ -104,11 +110,11 @@ def run(
     names = list(tasks_subset) if tasks_subset else all_tasks.names
     unknown = [t for t in names if t not in all_tasks.names]
     if unknown:
-        raise ValueError(f"unknown task(s) {unknown} for {benchmark}; tasks: {all_tasks.names}")
+        raise RunSetupError(f"unknown task(s) {unknown} for {benchmark}; tasks: {all_tasks.names}")
     tasks = TaskSet([t for t in all_tasks if t.name in names])
     is_stl = method == STL
     if is_stl and len(names) != 1:
-        raise ValueError("a single-task baseline trains exactly one task (tasks_subset=[task])")
+        raise RunSetupError("a single-task baseline trains exactly one task (tasks_subset=[task])")
     recipe_dict = {**asdict(recipe), "data": data_options}
     spec = RunSpec(
         benchmark,
@@ -122,6 +128,21 @@ def run(
         },
         recipe_dict,
     )
+    select = recipe.select
+    if is_stl and select not in ("delta_m", "loss") and not select.startswith(f"{names[0]}/"):
+        # A per-metric selection names one task's metric; the other baselines select on Δm
+        # against their first validation scores (monotone in a single metric).
+        select = "delta_m"
+    baselines = None
+    if store is not None and not is_stl:
+        baselines = baseline_scores(store, benchmark, arch, "val", names, recipe_dict) or None
+        if baselines is None and select == "delta_m":
+            raise RunSetupError(
+                f"selecting {benchmark} runs on Δm needs the single-task baselines of "
+                f"architecture {arch!r} with this recipe in the store; run `polytask baselines "
+                f"{benchmark}` with the same --arch/--set/--epochs first, or select on the "
+                "validation loss with --set select=loss"
+            )
     if store is not None:
         run_id = store.claim(spec, provenance=provenance())
         if run_id is None:
@@ -137,16 +158,21 @@ def run(
             len(names),
             **({} if is_stl else _with_seed(method, hparams, seed)),
         )
-        baselines = None
-        if store is not None and not is_stl:
-            baselines = baseline_scores(store, benchmark, arch, "val", names, recipe_dict) or None
+        if torch.device(device).type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         config = TrainConfig(
             kpi_metrics=_kpi_metrics(tasks) if "kpis" in balancing.needs else None,
             epochs=recipe.epochs,
             batch_size=recipe.batch_size,
             eval_batch_size=recipe.eval_batch_size,
             mode="params" if is_stl else recipe.mode,  # type: ignore[arg-type]
-            select=recipe.select,
+            select=select,
+            precision=recipe.precision,  # type: ignore[arg-type]
+            accumulate=recipe.accumulate,
+            grad_clip=recipe.grad_clip,
+            scheduler_interval=recipe.scheduler_interval,  # type: ignore[arg-type]
+            checkpoint_every=recipe.checkpoint_every,
+            num_workers=recipe.num_workers,
             seed=seed,
             device=device,
             progress=progress,
@@ -168,6 +194,10 @@ def run(
         if store is not None and run_id is not None:
             trainer.on_epoch = lambda record: _log_epoch(store, run_id, record)
         result = trainer.fit(resume=run_dir is not None)
+        if store is not None and run_id is not None:
+            # The whole history, also the epochs an earlier (interrupted) process trained.
+            for epoch_record in result.history:
+                _log_epoch(store, run_id, epoch_record)
     except BaseException as exc:
         if store is not None and run_id is not None:
             status = "failed" if isinstance(exc, Exception) else "interrupted"

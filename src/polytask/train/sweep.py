@@ -142,10 +142,12 @@ def parse_config(raw: Mapping[str, Any], where: str = "config") -> SweepConfig:
             raise _fail(where, f"[hparams.{method}] is for a method not in methods")
         if not isinstance(values, dict):
             raise _fail(where, f"[hparams.{method}] must be a table of hyper-parameters")
-        try:
-            polytask.methods.create(method, 2, **values)
-        except (TypeError, ValueError) as exc:
-            raise _fail(where, f"[hparams.{method}]: {exc}") from None
+        for name in names:
+            k = len(benchmarks.get(name).tasks())
+            try:
+                polytask.methods.create(method, k, **values)
+            except (TypeError, ValueError) as exc:
+                raise _fail(where, f"[hparams.{method}] for {name} ({k} tasks): {exc}") from None
     for name in names:
         bench = benchmarks.get(name)
         try:
@@ -215,9 +217,7 @@ def _run_job(args: tuple[Job, SweepConfig]) -> tuple[str, str]:
         # Share the cores between the workers instead of oversubscribing them.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.workers))
 
-    label = f"{job.benchmark}/{job.arch}/{job.method}/seed {job.seed}"
-    if job.tasks_subset:
-        label += f" ({job.tasks_subset[0]})"
+    label = _label(job)
     try:
         record = run(
             job.benchmark,
@@ -259,12 +259,58 @@ def run_sweep(config: SweepConfig, *, on_result: Any = None) -> list[tuple[str, 
                 if on_result:
                     on_result(*outcome)
         else:
-            ctx = mp.get_context("spawn")
-            outcomes = []
-            with ctx.Pool(config.workers) as pool:
-                for outcome in pool.imap_unordered(_run_job, work):
-                    outcomes.append(outcome)  # type: ignore[attr-defined]
-                    if on_result:
-                        on_result(*outcome)
+            outcomes = _run_pool(work, config.workers, on_result)
         results.extend(outcomes)
     return results
+
+
+def _run_pool(
+    work: list, workers: int, on_result: Any, job_fn: Any = None
+) -> list[tuple[str, str]]:
+    """Run the jobs on ``workers`` spawned processes.
+
+    A worker that dies (killed, out of memory, a crash in native code) breaks the pool and
+    every unfinished job with it, without saying which job killed it. Those jobs then run
+    again one at a time, each in a process of its own, so only the job that kills its
+    process is reported failed; its run is marked interrupted in the store, not lost.
+    """
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures.process import BrokenProcessPool
+
+    from polytask.results.store import ResultsStore
+
+    def report(outcome: tuple[str, str]) -> None:
+        outcomes.append(outcome)
+        if on_result:
+            on_result(*outcome)
+
+    job_fn = job_fn or _run_job
+    ctx = mp.get_context("spawn")
+    outcomes: list[tuple[str, str]] = []
+    unfinished = []
+    with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        futures = {pool.submit(job_fn, item): item for item in work}
+        for future in as_completed(futures):
+            try:
+                report(future.result())
+            except BrokenProcessPool:
+                unfinished.append(futures[future])
+    store = ResultsStore(work[0][1].store) if work else None
+    for item in unfinished:
+        assert store is not None
+        store.mark_stale()
+        with ProcessPoolExecutor(1, mp_context=ctx) as alone:
+            try:
+                report(alone.submit(job_fn, item).result())
+            except BrokenProcessPool:
+                report((_label(item[0]), "failed: its worker process died"))
+    if unfinished and store is not None:
+        store.mark_stale()
+    return outcomes
+
+
+def _label(job: Job) -> str:
+    label = f"{job.benchmark}/{job.arch}/{job.method}/seed {job.seed}"
+    if job.tasks_subset:
+        label += f" ({job.tasks_subset[0]})"
+    return label

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -105,6 +106,12 @@ class TrainConfig:
             raise ValueError(f"accumulate={self.accumulate} must be at least 1")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"grad_clip={self.grad_clip} must be positive (or None)")
+        for name in ("eval_batch_size", "checkpoint_every"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or value < 1):
+                raise ValueError(f"{name}={value!r} must be a positive integer (or None)")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers={self.num_workers} must be non-negative")
         if self.scheduler_interval not in ("epoch", "step"):
             raise ValueError(f"scheduler_interval={self.scheduler_interval!r}: 'epoch' or 'step'")
 
@@ -120,7 +127,7 @@ class TrainResult:
         history: one dict per epoch: ``epoch``, ``val``, ``test``, ``val_losses``,
             ``train_losses``, ``weights`` (the method's mean task weights over the epoch, or
             ``None``) and ``score`` (the selection score, lower is better).
-        wall_time: seconds spent in :meth:`Trainer.fit` (this process only).
+        wall_time: seconds spent training, summed over the processes of a resumed run.
     """
 
     best_epoch: int
@@ -128,6 +135,16 @@ class TrainResult:
     test: dict[str, float]
     history: list[dict[str, Any]] = field(default_factory=list)
     wall_time: float = 0.0
+
+
+def _batch_size(inputs: Any) -> int:
+    if isinstance(inputs, Tensor):
+        return inputs.shape[0]
+    if isinstance(inputs, dict) and inputs:
+        return _batch_size(next(iter(inputs.values())))
+    if isinstance(inputs, (list, tuple)) and inputs:
+        return _batch_size(inputs[0])
+    return 1
 
 
 def _progress(enabled: bool) -> Any:
@@ -207,13 +224,30 @@ class Trainer:
                 f"{type(method).__name__} needs {self.needs_extra}, which the trainer cannot "
                 "compute itself; pass context_fn=lambda inputs, targets, outputs: {...}"
             )
+        directions = tasks.directions
+        if config.select not in ("delta_m", "loss") and config.select not in directions:
+            raise ValueError(
+                f"select={config.select!r} is not 'delta_m', 'loss' or one of the metrics "
+                f"{sorted(directions)}"
+            )
         if "kpis" in method.needs:
-            missing = [t for t in tasks.names if t not in (config.kpi_metrics or {})]
+            kpis = config.kpi_metrics or {}
+            missing = [t for t in tasks.names if t not in kpis]
             if missing:
                 raise ValueError(
                     f"{type(method).__name__} needs KPIs: set TrainConfig.kpi_metrics to map "
                     f"every task to a validation metric in [0, 1]; missing {missing}"
                 )
+            unknown = {t: m for t, m in kpis.items() if m not in directions}
+            if unknown:
+                raise ValueError(f"kpi_metrics names unknown metrics {unknown}")
+        if config.num_workers > 0 and config.checkpoint_every is not None:
+            # Workers reseed their RNGs per epoch: a mid-epoch resume would hand batches to
+            # other workers' streams, so random augmentation would differ from the run's.
+            raise ValueError(
+                "checkpoint_every (mid-epoch checkpoints) needs num_workers=0 for an exact "
+                "resume; with workers, runs checkpoint at the end of each epoch"
+            )
         self.device = torch.device(config.device)
         self.model = model.to(self.device)
         self.tasks = tasks
@@ -260,6 +294,8 @@ class Trainer:
         self._loss_sums: list[float] = [0.0] * len(tasks)  # this epoch's training losses
         self._loss_count = 0
         self._weight_sums: list[float] | None = None  # and the method's weights
+        self._wall_before = 0.0  # training seconds of earlier processes of a resumed run
+        self._fit_start = time.perf_counter()
         self._weight_count = 0
         #: Called with each epoch's record (the runner writes it to the results store).
         self.on_epoch: Callable[[dict[str, Any]], None] | None = None
@@ -492,17 +528,23 @@ class Trainer:
         was_training = self.model.training
         self.model.eval()
         totals = torch.zeros(len(self.tasks), dtype=torch.float64)
-        batches = 0
+        counts = torch.zeros(len(self.tasks), dtype=torch.float64)
         for batch in loader:
             inputs, targets = self._to_device(batch)
             with self._autocast():
                 outputs = self.model(inputs)
                 losses = self.tasks.losses(outputs, targets)
-            totals += torch.tensor([float(v) for v in losses], dtype=torch.float64)
-            batches += 1
+            # Each batch's mean loss weighted by its size, over the batches that label the
+            # task: the split's mean, whatever the batch size (a batch without the task's
+            # labels has a loss of 0 that says nothing).
+            size = float(_batch_size(inputs))
+            present = self._present(targets).double()
+            totals += torch.tensor([float(v) for v in losses], dtype=torch.float64) * present * size
+            counts += present * size
             metrics.update({k: v.float() for k, v in outputs.items()}, targets)
         self.model.train(was_training)
-        return {"metrics": metrics.compute(), "losses": (totals / max(batches, 1)).tolist()}
+        mean = torch.where(counts > 0, totals / counts.clamp_min(1), torch.nan)
+        return {"metrics": metrics.compute(), "losses": mean.tolist()}
 
     def _score(self, val: dict[str, Any]) -> float:
         select = self.config.select
@@ -540,6 +582,7 @@ class Trainer:
                 "reference": self.reference,
                 "latest_val": self.latest_val,
                 "epoch_losses": (self._loss_sums, self._loss_count),
+                "wall_time": self._wall_before + time.perf_counter() - self._fit_start,
                 "epoch_weights": (self._weight_sums, self._weight_count),
             },
         )
@@ -564,6 +607,7 @@ class Trainer:
         self.history, self.reference = state["history"], state["reference"]
         self.latest_val = state["latest_val"]
         self._loss_sums, self._loss_count = state["epoch_losses"]
+        self._wall_before = float(state["wall_time"])
         self._weight_sums, self._weight_count = state["epoch_weights"]
         self.logger.log("resume", step=self.step, epoch=self.epoch)
         return True
@@ -575,6 +619,7 @@ class Trainer:
         checkpoint behind, as a killed run would (the tests use it).
         """
         start = time.perf_counter()
+        self._fit_start = start
         resumed = self.resume() if resume else False
         if not resumed and self.step == 0:
             # The run owns the global RNG streams (dropout, augmentation) from here on.
@@ -605,7 +650,8 @@ class Trainer:
                     progress.update(epochs_bar, completed=self.epoch)
         except _Interrupt:
             self.logger.log("interrupted", step=self.step, epoch=self.epoch)
-        return self._result(time.perf_counter() - start)
+        self.logger.close()
+        return self._result(self._wall_before + time.perf_counter() - start)
 
     def _run_epoch(self, progress: Any, stop_after_steps: int | None, steps_here: int) -> None:
         self._steps_here = steps_here
@@ -660,7 +706,9 @@ class Trainer:
             with warnings.catch_warnings():
                 # A run resumed right at an epoch's end steps the scheduler before this
                 # process stepped the optimizer; the order of the two is still right.
-                warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step()`")
+                warnings.filterwarnings(
+                    "ignore", re.escape("Detected call of `lr_scheduler.step()`")
+                )
                 self.scheduler.step()
         record = {
             "epoch": self.epoch,

@@ -207,6 +207,7 @@ BENCHMARKS: Registry[Benchmark] = Registry("benchmark", UnknownBenchmarkError)
 #: Modules that define benchmarks, imported when the registry is first used.
 _MODULES = (
     "polytask.data.synthetic_mmoe",
+    "polytask.data.census_benchmark",
     "polytask.data.nyuv2",
     "polytask.data.cityscapes",
     "polytask.data.celeba",

@@ -250,3 +250,34 @@ def test_tensorboard_needs_its_package(tmp_path, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_tensorboard)
     with pytest.raises(ImportError, match="pip install tensorboard"):
         make_trainer("ew", tmp_path, epochs=1, tensorboard=True)
+
+
+def test_born_again_distillation_trains_through_the_trainer(tmp_path):
+    from torch import nn
+
+    from polytask.distill import BornAgainDistillation
+
+    torch.manual_seed(1)
+    teachers = {
+        "reg": nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 1), nn.Flatten(0)),
+        "cls": nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 2)),
+    }
+    bam = BornAgainDistillation(teachers, ["regression", "classification"], total_steps=10)
+    t = make_trainer("ew", tmp_path, epochs=2)
+    t = Trainer(
+        t.model,
+        t.tasks,
+        t.method,
+        lambda params: torch.optim.Adam(params, lr=1e-2),
+        TwoTaskData(40, 0),
+        TwoTaskData(16, 1),
+        config=TrainConfig(epochs=2, batch_size=8),
+        train_loss=bam,
+        out_dir=tmp_path,
+    )
+    result = t.fit()
+    assert result.best_epoch in (1, 2)
+    assert bam.mix == 1.0  # 10 optimizer steps: the annealing reached pure supervision
+    saved = torch.load(tmp_path / "last.pt", weights_only=False)["train_loss"]
+    assert int(saved["steps_done"]) == 10
+    assert all(p.grad is None for p in bam.teachers.parameters())

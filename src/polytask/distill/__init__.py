@@ -8,6 +8,12 @@ and stay in eval mode.
   with teacher annealing (Clark et al., ACL 2019).
 * :class:`FeatureDistillation`: feature matching through task-specific adaptors
   (Li & Bilen, ECCV Workshops 2020).
+
+With :class:`polytask.train.Trainer`, pass BAM as ``train_loss=``: it replaces the task
+losses in training, its annealing steps with the optimizer and is checkpointed. Feature
+distillation is added to the task losses (``lambda out, y, inputs, features: task_losses +
+w * feature_distill(features, inputs=inputs)``, with ``mode="features"`` so that the trainer
+passes the shared representation) and its adaptors go to the optimizer.
 """
 
 from polytask.distill.born_again import KINDS, BornAgainDistillation

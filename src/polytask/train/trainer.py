@@ -11,6 +11,7 @@ deterministic).
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import re
 import time
@@ -182,6 +183,13 @@ class Trainer:
             selection; default: this run's first validation scores.
         context_fn: ``context_fn(inputs, targets, outputs) -> dict`` for context keys the
             trainer cannot supply itself (e.g. ``sample_losses``).
+        train_loss: replaces the tasks' losses in training (evaluation keeps them):
+            ``train_loss(outputs, targets, inputs=inputs) -> Tensor[K]`` (and ``features=``
+            if it takes that argument), e.g. :class:`polytask.distill.BornAgainDistillation`.
+            When it is an ``nn.Module`` its parameters join the optimizer, its state the
+            checkpoint, and its ``step()`` (a schedule, like BAM's teacher annealing) is
+            called after each optimizer step. ``features`` is the shared representation in
+            features mode, else ``None``.
         out_dir: where ``last.pt`` (checkpoint) and ``log.jsonl`` go; ``None`` keeps nothing.
     """
 
@@ -200,6 +208,7 @@ class Trainer:
         shared_params: Callable[[nn.Module], Iterable[nn.Parameter]] | None = None,
         baselines: dict[str, float] | None = None,
         context_fn: Callable[..., dict[str, Any]] | None = None,
+        train_loss: Callable[..., Tensor] | None = None,
         out_dir: str | Path | None = None,
     ) -> None:
         self.config = config = config or TrainConfig()
@@ -254,6 +263,13 @@ class Trainer:
         self.method = method.to(self.device)
         # Meta methods update their weights with their own meta optimizer in meta_step.
         own = [] if method.needs_meta_step else list(self.method.parameters())
+        self.train_loss = train_loss
+        self._loss_takes_features = train_loss is not None and (
+            "features" in inspect.signature(train_loss).parameters
+        )
+        if isinstance(train_loss, nn.Module):
+            train_loss.to(self.device)
+            own += [p for p in train_loss.parameters() if p.requires_grad]
         params = list(self.model.parameters()) + own
         self.optimizer = optimizer(params)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
@@ -385,7 +401,17 @@ class Trainer:
                 outputs = self.model.decode(features)
             else:
                 features, outputs = None, self.model(inputs)
-            task_losses = [loss.float() for loss in self.tasks.losses(outputs, targets)]
+            if self.train_loss is None:
+                task_losses = [loss.float() for loss in self.tasks.losses(outputs, targets)]
+            else:
+                extra = {"features": features} if self._loss_takes_features else {}
+                values = self.train_loss(outputs, targets, inputs=inputs, **extra)
+                if not isinstance(values, Tensor) or values.shape != (len(self.tasks),):
+                    raise ValueError(
+                        f"train_loss must return a tensor of {len(self.tasks)} task losses, "
+                        f"got {getattr(values, 'shape', type(values).__name__)}"
+                    )
+                task_losses = list(values.float().unbind())
         return features, outputs, task_losses
 
     def _train_step(
@@ -468,6 +494,8 @@ class Trainer:
                 and not isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
             ):
                 self.scheduler.step()
+            if self.train_loss is not None and hasattr(self.train_loss, "step"):
+                self.train_loss.step()
             if self.method.needs_losses_after_step:
                 with torch.no_grad():
                     _, _, after = self._forward_losses(inputs, targets)
@@ -573,6 +601,9 @@ class Trainer:
                 "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
                 "method": self.method.state_dict(),
                 "scaler": self.scaler.state_dict(),
+                "train_loss": self.train_loss.state_dict()
+                if isinstance(self.train_loss, nn.Module)
+                else None,
                 "sampler": {**self.sampler.state_dict(), "position": self.position},
                 "meta_sampler": self.meta_sampler.state_dict(),
                 "rng": get_rng_state(),
@@ -598,6 +629,8 @@ class Trainer:
             self.scheduler.load_state_dict(state["scheduler"])
         self.method.load_state_dict(state["method"])
         self.scaler.load_state_dict(state["scaler"])
+        if isinstance(self.train_loss, nn.Module):
+            self.train_loss.load_state_dict(state["train_loss"])
         self.sampler.load_state_dict(state["sampler"])
         self.position = self.sampler.position
         self.meta_sampler.load_state_dict(state["meta_sampler"])

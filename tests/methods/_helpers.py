@@ -173,3 +173,10 @@ def assert_weighted_shared_grad(
     d = problem.shared_grad()
     torch.testing.assert_close(d, weights @ jac)
     return jac, d
+
+
+def epoch_step(method: polytask.methods.Method, values: Sequence[float], epoch: int):
+    """One ``backward`` of constant task losses ``values`` at ``epoch``; the weights."""
+    p = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    losses = torch.tensor(values, dtype=torch.float64) + 0.0 * p
+    return method.backward(losses, shared_params=[p], epoch=epoch).weights

@@ -11,7 +11,7 @@ import torch
 import polytask
 from polytask.errors import InvalidContextError, InvalidLossesError, MissingContextError
 
-from ._helpers import assert_weighted_shared_grad, linear_problem
+from ._helpers import assert_weighted_shared_grad, epoch_step, linear_problem
 
 # Per-step losses of three epochs (K = 3, three steps each) and the step of epoch 3.
 EPOCHS = [
@@ -21,10 +21,7 @@ EPOCHS = [
 ]
 
 
-def step(method, values, epoch):
-    p = torch.zeros(1, dtype=torch.float64, requires_grad=True)
-    losses = torch.tensor(values, dtype=torch.float64) + 0.0 * p
-    return method.backward(losses, shared_params=[p], epoch=epoch).weights
+step = epoch_step
 
 
 def hand_weights(avg_prev: np.ndarray, avg_prev2: np.ndarray, temperature: float) -> np.ndarray:

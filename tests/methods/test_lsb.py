@@ -11,7 +11,7 @@ import torch
 import polytask
 from polytask.errors import InvalidContextError, InvalidLossesError, MissingContextError
 
-from ._helpers import assert_weighted_shared_grad, linear_problem
+from ._helpers import assert_weighted_shared_grad, epoch_step, linear_problem
 
 EPOCHS = [
     [[2.0, 1.0, 40.0], [1.6, 0.8, 38.0], [1.2, 0.9, 42.0]],
@@ -20,10 +20,7 @@ EPOCHS = [
 ]
 
 
-def step(method, values, epoch):
-    p = torch.zeros(1, dtype=torch.float64, requires_grad=True)
-    losses = torch.tensor(values, dtype=torch.float64) + 0.0 * p
-    return method.backward(losses, shared_params=[p], epoch=epoch).weights
+step = epoch_step
 
 
 def run(method):

@@ -13,7 +13,7 @@ import polytask
 from polytask.errors import InvalidContextError, InvalidHyperparameterError, MissingContextError
 from polytask.methods.task_curriculum import self_paced_task_weights
 
-from ._helpers import assert_weighted_shared_grad, linear_problem
+from ._helpers import assert_weighted_shared_grad, epoch_step, linear_problem
 
 # Per-step losses of three epochs (K = 3, three steps each).
 EPOCHS = [
@@ -23,10 +23,7 @@ EPOCHS = [
 ]
 
 
-def step(method, values, epoch):
-    p = torch.zeros(1, dtype=torch.float64, requires_grad=True)
-    losses = torch.tensor(values, dtype=torch.float64) + 0.0 * p
-    return method.backward(losses, shared_params=[p], epoch=epoch).weights
+step = epoch_step
 
 
 def official_updates(epoch_means: list[np.ndarray], pace: float, c: float) -> list[np.ndarray]:

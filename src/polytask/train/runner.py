@@ -20,7 +20,7 @@ import torch
 
 import polytask
 from polytask.data import benchmark as benchmarks
-from polytask.results.store import ResultsStore, RunSpec
+from polytask.results.store import ResultsStore, RunSpec, _dumps, _loads
 from polytask.tasks import TaskSet
 from polytask.train.trainer import TrainConfig, Trainer
 
@@ -296,7 +296,8 @@ def baseline_scores(
     (``{}`` unless every task has at least one; restricted to ``recipe`` when given)."""
     runs = store.runs(benchmark=benchmark, arch=arch, method=STL, status="finished")
     if recipe is not None:
-        runs = [r for r in runs if r.recipe == _plain(recipe)]
+        # Compare as the store would read the recipe back (its own encoding round trip).
+        runs = [r for r in runs if r.recipe == _loads(_dumps(dict(recipe)))]
     scores: dict[str, list[float]] = {}
     covered = set()
     for r in runs:
@@ -309,11 +310,3 @@ def baseline_scores(
     if covered != set(tasks):
         return {}
     return {k: sum(v) / len(v) for k, v in scores.items()}
-
-
-def _plain(value: Any) -> Any:
-    import json
-
-    from polytask.results.store import _dumps
-
-    return json.loads(_dumps(value))

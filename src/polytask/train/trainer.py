@@ -233,7 +233,8 @@ class Trainer:
                 f"{type(method).__name__} needs {self.needs_extra}, which the trainer cannot "
                 "compute itself; pass context_fn=lambda inputs, targets, outputs: {...}"
             )
-        directions = tasks.directions
+        # Building every metric to read its direction is not free: done once, here.
+        self.directions = directions = tasks.directions
         if config.select not in ("delta_m", "loss") and config.select not in directions:
             raise ValueError(
                 f"select={config.select!r} is not 'delta_m', 'loss' or one of the metrics "
@@ -580,15 +581,9 @@ class Trainer:
             return float(sum(val["losses"]))
         if select == "delta_m":
             assert self.reference is not None
-            return delta_m(val["metrics"], self.reference, self.tasks.directions)
-        directions = self.tasks.directions
-        if select not in directions:
-            raise ValueError(
-                f"select={select!r} is not 'delta_m', 'loss' or one of the metrics "
-                f"{sorted(directions)}"
-            )
-        value = val["metrics"][select]
-        return -value if directions[select] else value
+            return delta_m(val["metrics"], self.reference, self.directions)
+        value = val["metrics"][select]  # checked against the metrics in __init__
+        return -value if self.directions[select] else value
 
     def _checkpoint(self) -> None:
         if self.out_dir is None:

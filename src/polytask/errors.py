@@ -11,6 +11,7 @@ from __future__ import annotations
 __all__ = [
     "DataFormatError",
     "DataNotFoundError",
+    "DistributedError",
     "EmptyParametersError",
     "InvalidContextError",
     "InvalidHyperparameterError",
@@ -92,3 +93,7 @@ class SolverError(PolytaskError, RuntimeError):
     def __init__(self, message: str, *, residual: float | None = None) -> None:
         super().__init__(message)
         self.residual = residual
+
+
+class DistributedError(PolytaskError, RuntimeError):
+    """Balancing across ranks was set up or used in a way that would make them drift apart."""

@@ -22,13 +22,15 @@ from __future__ import annotations
 import inspect
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 
 from polytask.autograd import JacobianEngine, accumulate_grads, gramian, leaves_reached
+from polytask.distributed.sync import require_decision
 from polytask.errors import (
+    DistributedError,
     EmptyParametersError,
     InvalidContextError,
     InvalidHyperparameterError,
@@ -36,6 +38,9 @@ from polytask.errors import (
     NonFiniteError,
 )
 from polytask.methods.context import check_context
+
+if TYPE_CHECKING:
+    from polytask.distributed.sync import DistributedSync
 
 Family = Literal["loss", "gramian", "jacobian"]
 Mode = Literal["params", "features"]
@@ -191,7 +196,7 @@ _PER_TASK_CONTEXT = {
     "sample_losses": lambda v, i: [v[j] for j in i.tolist()],
     "xi_jacobians": lambda v, i: tuple(j[i.to(j.device)] for j in v),
 }
-_TASK_FREE_CONTEXT = frozenset({"epoch", "loss_scale"})
+_TASK_FREE_CONTEXT = frozenset({"epoch", "loss_scale", "num_samples"})
 
 
 def _select_tasks(key: str, value: Any, index: Tensor) -> Any:
@@ -255,6 +260,10 @@ class Method(nn.Module):
     partial_tasks: ClassVar[bool] = False
     #: The ``mode`` values :meth:`backward` supports.
     modes: ClassVar[frozenset[str]] = frozenset({"params", "features"})
+    #: Whether :func:`polytask.distributed.distribute` can make the method balance the global
+    #: batch of several ranks; if not, ``not_distributable_because`` says why.
+    distributable: ClassVar[bool] = True
+    not_distributable_because: ClassVar[str] = ""
 
     def __init__(self, num_tasks: int, *, seed: int | None = None) -> None:
         super().__init__()
@@ -267,6 +276,10 @@ class Method(nn.Module):
             )
         self.num_tasks = num_tasks
         self.seed = seed
+        #: Set by :func:`polytask.distributed.distribute` (balance the global batch) and
+        #: :func:`polytask.distributed.local` (balance each rank's batch on purpose).
+        self.sync: DistributedSync | None = None
+        self.rank_local = False
         self.generator = torch.Generator()
         if seed is not None:
             self.generator.manual_seed(seed)
@@ -304,6 +317,7 @@ class Method(nn.Module):
         ctx: dict[str, Any],
     ) -> tuple[Tensor, list[Tensor]]:
         """The checks every ``backward`` starts with; returns (losses, trainable shared)."""
+        require_decision(self)
         losses = check_losses(losses, self.num_tasks)
         shared = check_shared_params(shared_params)
         _check_mode(self, mode, features)
@@ -330,6 +344,18 @@ class Method(nn.Module):
                 "every task in each step"
             )
 
+    def why_not_distributable(self) -> str | None:
+        """Why :func:`polytask.distributed.distribute` cannot take this instance (its class or
+        its hyper-parameters), or ``None``."""
+        if type(self).needs_meta_step:
+            return (
+                "its meta step (a look-ahead on a validation batch) is not distributed yet; "
+                "train it on one process"
+            )
+        if not type(self).distributable:
+            return type(self).not_distributable_because
+        return None
+
     # -- steps with only some tasks (multi-input MTL) -------------------------------------
     def _partial_step(
         self,
@@ -353,6 +379,14 @@ class Method(nn.Module):
         present = ctx["present"].to("cpu")
         if bool(present.all()):
             return None
+        require_decision(self)
+        if self.sync is not None:
+            raise DistributedError(
+                f"{type(self).__name__}: steps with only some tasks (present="
+                f"{present.tolist()}) are not distributed yet (the ranks may hold different "
+                "tasks); sample every task in each step under polytask.distributed"
+            )
+        ctx.pop("num_samples", None)
         index = present.nonzero().flatten()
         _check_present_losses(losses, index, self.num_tasks)
         if len(index) < self.min_tasks:
@@ -432,6 +466,7 @@ class Method(nn.Module):
         hparams["seed"] = 0
         sub = type(self)(len(index), **hparams)
         sub.generator = self.generator
+        sub.rank_local = self.rank_local
         if isinstance(self, GradientMethod):
             sub.engine = self.engine  # type: ignore[attr-defined]
         buffer = next(self.buffers(), None)
@@ -444,10 +479,19 @@ class Method(nn.Module):
     #: ``method.meta_step(...)`` (:class:`polytask.methods.meta.MetaMethod`).
     needs_meta_step: ClassVar[bool] = False
 
-    def after_step(self, losses: Tensor) -> None:
+    def after_step(self, losses: Tensor, *, num_samples: float | None = None) -> None:
         """Called after ``optimizer.step()`` with the losses of the same batch, recomputed
         under ``torch.no_grad()``, by loops that see ``needs_losses_after_step`` (FAMO's
-        update uses the loss decrease of the step). A no-op for most methods."""
+        update uses the loss decrease of the step). A no-op for most methods.
+
+        Under :func:`polytask.distributed.distribute` the method sees the count-weighted
+        mean of every rank's losses (``num_samples``: this rank's number of samples)."""
+        if self.sync is not None and isinstance(losses, Tensor) and losses.dim() == 1:
+            losses = self.sync.mean_losses(losses, num_samples)
+        self._after_step(losses)
+
+    def _after_step(self, losses: Tensor) -> None:
+        """The method's update after the optimizer step (see :meth:`after_step`)."""
 
     def backward(  # type: ignore[override]
         self,
@@ -498,6 +542,11 @@ class LossMethod(Method):
         if partial is not None:
             return partial
         losses, _ = self._validate(losses, shared_params, mode, features, ctx)
+        if self.sync is not None:
+            from polytask.distributed.backward import loss_backward
+
+            return loss_backward(self, losses, ctx)
+        ctx.pop("num_samples", None)
         scale = ctx.pop("loss_scale", None)
         # The objective sees the true losses; its gradient flows scaled through the network.
         total, weights = self.objective(losses if scale is None else losses / scale, **ctx)
@@ -661,6 +710,11 @@ class GradientMethod(Method):
         if partial is not None:
             return partial
         losses, shared = self._validate(losses, shared_params, mode, features, ctx)
+        if self.sync is not None:
+            from polytask.distributed.backward import gradient_backward
+
+            return gradient_backward(self, losses, shared, features, mode, ctx)
+        ctx.pop("num_samples", None)
         scale = ctx.pop("loss_scale", None)
         if mode == "params":
             task_leaves = leaves_reached([losses], exclude=shared)
@@ -758,11 +812,16 @@ class GramianMethod(GradientMethod):
         # Features mode needs only G: the engine forms it without the K x (B D) Jacobian
         # where the heads are linear layers, and the update w @ J is the backward of
         # sum_k w_k L_k. Methods that override _aggregate take the generic path.
-        if mode != "features" or type(self)._aggregate is not GramianMethod._aggregate:
+        if (
+            self.sync is not None
+            or mode != "features"
+            or type(self)._aggregate is not GramianMethod._aggregate
+        ):
             return super().backward(
                 losses, shared_params=shared_params, features=features, mode=mode, **ctx
             )
         losses, shared = self._validate(losses, shared_params, mode, features, ctx)
+        ctx.pop("num_samples", None)
         scale = ctx.pop("loss_scale", None)
         assert features is not None
         g = self.engine.gramian(losses, [features])

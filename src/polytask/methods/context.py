@@ -109,6 +109,18 @@ def _check_loss_scale(value: Any, k: int) -> float:
     return float(value)
 
 
+def _check_num_samples(value: Any, k: int) -> float:
+    if isinstance(value, Tensor) and value.numel() == 1:
+        value = float(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidContextError(f"num_samples must be a number, got {type(value).__name__}")
+    if not (value > 0 and value != float("inf")):
+        raise InvalidContextError(
+            f"num_samples={value} must be positive and finite (this rank's number of samples)"
+        )
+    return float(value)
+
+
 def _check_xi_jacobians(value: Any, k: int) -> Any:
     # SDMGrad checks the pair's shapes against the main Jacobian itself.
     if not isinstance(value, Sequence) or not all(isinstance(v, Tensor) for v in value):
@@ -162,6 +174,14 @@ CONTEXT: dict[str, ContextKey] = {
             "leaves loss_scale x the update in .grad, for scaler.unscale_/step/update",
             _check_loss_scale,
             lambda k: 1.0,
+        ),
+        ContextKey(
+            "num_samples",
+            "number > 0: how many samples this rank's losses average over; under "
+            "polytask.distributed each rank's losses and gradients count in proportion to it "
+            "(default: equal shares); ignored on one process",
+            _check_num_samples,
+            lambda k: 4,
         ),
         ContextKey(
             "xi_jacobians",

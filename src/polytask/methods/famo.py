@@ -149,7 +149,7 @@ class FAMO(LossMethod):
         return total, z / (c * gaps.detach())
 
     @torch.no_grad()
-    def after_step(self, losses: Tensor) -> None:
+    def _after_step(self, losses: Tensor) -> None:
         """Update the logits from the loss decrease of the step just taken.
 
         Args:

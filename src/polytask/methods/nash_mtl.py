@@ -172,6 +172,15 @@ class NashMTL(GramianMethod):
         self.step.add_(1)
         return result
 
+    def why_not_distributable(self) -> str | None:
+        if self.update_weights_every > 1:
+            return (
+                f"update_weights_every={self.update_weights_every} reuses weights through a "
+                "local backward that is not distributed yet; use update_weights_every=1 (the "
+                "paper's setting) under polytask.distributed"
+            )
+        return super().why_not_distributable()
+
     def _reuse_weights(
         self,
         losses: Tensor,

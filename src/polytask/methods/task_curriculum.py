@@ -147,6 +147,13 @@ class TaskCurriculum(LossMethod):
         **ctx: Any,
     ) -> BackwardResult:
         losses, shared = self._validate(losses, shared_params, mode, features, ctx)
+        if self.sync is not None:
+            from polytask.distributed.backward import loss_backward
+
+            result = loss_backward(self, losses, ctx, shared=shared)
+            result.head_weights = torch.ones_like(result.weights)
+            return result
+        ctx.pop("num_samples", None)
         scale = ctx.pop("loss_scale", None)
         # tau comes from the true losses; the gradients flow scaled, as GradScaler expects.
         _, tau = self.objective(losses if scale is None else losses / scale, **ctx)

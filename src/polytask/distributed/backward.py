@@ -1,0 +1,534 @@
+"""The distributed steps of :meth:`Method.backward`: each equals the single-process step on
+the concatenation of the ranks' batches (rank order), whatever the ranks' batch sizes.
+
+Notation: rank r holds n_r samples and its task losses L_r (means over its samples), so the
+global losses are L = sum_r (n_r / N) L_r with N = sum_r n_r.
+
+* Params mode: the global Jacobian is J = sum_r (n_r / N) J_r, whose Gramian has cross
+  terms between ranks (it is not the mean of the ranks' Gramians). ``"full"``: ONE
+  all-reduce of [n_r | n_r L_r | n_r J_r | n_r x the task-specific gradients]; every rank
+  then holds J and L and computes the same update. ``"sharded"`` (Gramian methods): a
+  reduce-scatter leaves each rank 1/R of J's columns, one all-reduce sums the K x K Gramian
+  of the shards (with the counts, losses and task-specific gradients), and an all-gather
+  of the weighted shards assembles the update.
+* Features mode: each rank's features belong to its own samples, so the global feature
+  Jacobian is the concatenation of the (n_r / N) J_r and its Gramian IS a sum: one
+  all-reduce of [n_r | n_r L_r | n_r^2 G_r] (Gramian methods), or one all-gather of the
+  ranks' feature Jacobians (the other methods, whose update is not a function of G).
+  The backward through the encoder and heads is then an ordinary one, reduced by DDP/FSDP
+  or, for a plain module, by one all-reduce of the step's gradients.
+* Loss weightings: the global losses (one all-reduce of K + 1 numbers) enter the
+  objective, whose gradient flows through this rank's graph scaled by n_r / N.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from polytask.autograd import accumulate_grads, gramian, leaves_reached, task_edges
+from polytask.errors import DistributedError
+
+if TYPE_CHECKING:
+    from polytask.distributed.sync import DistributedSync
+    from polytask.methods.base import BackwardResult, GradientMethod, LossMethod
+
+__all__ = ["gradient_backward", "loss_backward"]
+
+
+def _count(ctx: dict[str, Any]) -> float:
+    n = ctx.pop("num_samples", None)
+    return 1.0 if n is None else float(n)
+
+
+def _reject_local_context(method: Any, ctx: dict[str, Any]) -> None:
+    if ctx.get("xi_jacobians") is not None:
+        raise DistributedError(
+            f"{type(method).__name__}: xi_jacobians are this rank's Jacobians of extra "
+            "batches and are not reduced across ranks; leave them out under "
+            "polytask.distributed (SDMGrad then uses the step's own Jacobian)"
+        )
+
+
+# -- gradient reduction for the ``"polytask"`` reducer ------------------------------------
+def _grads(outputs: list[Tensor], cotangents: list[Tensor], leaves: list[Tensor]) -> list:
+    if not leaves:
+        return []
+    return list(
+        torch.autograd.grad(
+            outputs, leaves, grad_outputs=cotangents, retain_graph=True, allow_unused=True
+        )
+    )
+
+
+def _sum_and_accumulate(sync: DistributedSync, leaves: list[Tensor], grads: list) -> None:
+    """All-reduce (sum) this step's gradients of ``leaves`` in one flat buffer and add them
+    into ``.grad``: earlier accumulated gradients are not reduced again."""
+    if not leaves:
+        return
+    flat = torch.cat(
+        [(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, leaves)]
+    )
+    sync.comm.all_reduce(flat)
+    accumulate_grads(leaves, flat)
+
+
+def _merge(pairs: list[tuple[list[Tensor], list]]) -> tuple[list[Tensor], list]:
+    """Sum gradients of leaves that appear in several (leaves, grads) lists."""
+    order: list[Tensor] = []
+    total: dict[int, Tensor | None] = {}
+    for leaves, grads in pairs:
+        for leaf, g in zip(leaves, grads):
+            key = id(leaf)
+            if key not in total:
+                order.append(leaf)
+                total[key] = g
+            elif g is not None:
+                prev = total[key]
+                total[key] = g if prev is None else prev + g
+    return order, [total[id(leaf)] for leaf in order]
+
+
+# -- loss weightings -------------------------------------------------------------------------
+def loss_backward(
+    method: LossMethod,
+    losses: Tensor,
+    ctx: dict[str, Any],
+    *,
+    shared: list[Tensor] | None = None,
+) -> BackwardResult:
+    """The distributed step of a loss weighting. With ``shared`` given (a method whose
+    task-specific parameters take their unweighted gradients, as TaskCurriculum's), only
+    ``shared`` get the objective's gradient and the other parameters that the losses reach
+    get the gradient of sum_k L_k."""
+    from polytask.methods.base import BackwardResult
+
+    sync = method.sync
+    assert sync is not None
+    scale = ctx.pop("loss_scale", None)
+    n = _count(ctx)
+    comm = sync.comm
+    payload = torch.cat([losses.detach().new_tensor([n]), n * losses.detach()])
+    comm.all_reduce(payload)
+    global_losses = payload[1:] / payload[0]
+    wrapper = sync.reducer() == "wrapper"
+    c = n / float(payload[0]) * (comm.world_size if wrapper else 1)
+    # Value: the global losses; gradient: c x this rank's, so that the wrapper's mean (or
+    # polytask's sum) over the ranks is the gradient of the global objective. The method's
+    # own parameters (UW, IMTL-L) see only the global values: the same gradient everywhere.
+    used = c * losses + (global_losses - c * losses).detach()
+    total, weights = method.objective(used if scale is None else used / scale, **ctx)
+    if scale is not None:
+        total = total * scale
+    own = {id(p) for p in method.parameters()}
+    if shared is None:
+        parts = [([total], None, leaves_reached([total]))]
+    else:
+        task_leaves = leaves_reached([losses], exclude=shared)
+        parts = [([total], None, shared), ([used.sum()], None, task_leaves)]
+    if wrapper:
+        for i, (outputs, _, inputs) in enumerate(parts):
+            if inputs:
+                torch.autograd.backward(outputs, inputs=inputs, retain_graph=i < len(parts) - 1)
+        return BackwardResult(weights=weights.detach())
+    pairs = []
+    for outputs, _, inputs in parts:
+        model_leaves = [p for p in inputs if id(p) not in own]
+        method_leaves = [p for p in inputs if id(p) in own]
+        grads = _grads(outputs, [torch.ones_like(o) for o in outputs], model_leaves + method_leaves)
+        pairs.append((model_leaves, grads[: len(model_leaves)]))
+        for p, g in zip(method_leaves, grads[len(model_leaves) :]):
+            if g is not None:
+                p.grad = g.clone() if p.grad is None else p.grad.add_(g)
+    leaves, grads = _merge(pairs)
+    _sum_and_accumulate(sync, leaves, grads)
+    return BackwardResult(weights=weights.detach())
+
+
+# -- gradient methods ------------------------------------------------------------------------
+def _task_owners(losses: Tensor, task_leaves: list[Tensor], shared: list[Tensor]) -> list[list]:
+    """For each of ``task_leaves``, the tasks whose loss reaches it (from the graph, so the
+    same on every rank)."""
+    k = losses.shape[0]
+    edges = task_edges(losses)
+    if edges is None:
+        return [list(range(k)) for _ in task_leaves]
+    wanted = {id(p): i for i, p in enumerate(task_leaves)}
+    owners: list[list[int]] = [[] for _ in task_leaves]
+    for task, edge in enumerate(edges):
+        if edge is None:
+            continue
+        for leaf in _leaves_below(edge.node, shared):
+            i = wanted.get(id(leaf))
+            if i is not None:
+                owners[i].append(task)
+    return owners
+
+
+def _leaves_below(node: Any, exclude: list[Tensor]) -> list[Tensor]:
+    excluded = {id(t) for t in exclude}
+    found, seen, stack = [], set(), [node]
+    while stack:
+        current = stack.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        variable = getattr(current, "variable", None)
+        if variable is not None:
+            if id(variable) not in excluded:
+                found.append(variable)
+            continue
+        stack.extend(child for child, _ in current.next_functions if child is not None)
+    return found
+
+
+class _TaskGrads:
+    """This rank's gradients of the task-specific parameters, kept per owning task so that
+    they can be summed over ranks before the method's weights are known."""
+
+    def __init__(self, losses: Tensor, shared: list[Tensor]) -> None:
+        self.leaves = leaves_reached([losses], exclude=shared)
+        owners = _task_owners(losses, self.leaves, shared)
+        self.single = [(p, o[0]) for p, o in zip(self.leaves, owners) if len(o) == 1]
+        self.multi = [(p, o) for p, o in zip(self.leaves, owners) if len(o) > 1]
+        flat: list[Tensor] = []
+        if self.single:
+            # Each of these leaves is read by one task: one backward of the sum gives each
+            # its own task's gradient.
+            params = [p for p, _ in self.single]
+            grads = torch.autograd.grad(losses.sum(), params, retain_graph=True, allow_unused=True)
+            flat += [
+                (g if g is not None else torch.zeros_like(p)).reshape(-1)
+                for g, p in zip(grads, params)
+            ]
+        for p, tasks in self.multi:
+            for t in tasks:
+                (g,) = torch.autograd.grad(losses[t], [p], retain_graph=True, allow_unused=True)
+                flat.append((g if g is not None else torch.zeros_like(p)).reshape(-1))
+        ref = losses.detach()
+        self.flat = torch.cat(flat).to(ref.dtype) if flat else ref.new_zeros(0)
+
+    def accumulate(self, reduced: Tensor, head_weights: Tensor) -> None:
+        """Write sum over owners of head_weights[task] x the reduced gradient into ``.grad``."""
+        offset = 0
+        hw = head_weights.detach()
+        for p, task in self.single:
+            size = p.numel()
+            g = reduced[offset : offset + size].view_as(p) * hw[task].to(reduced)
+            offset += size
+            p.grad = g.to(p.dtype).clone() if p.grad is None else p.grad.add_(g.to(p.dtype))
+        for p, tasks in self.multi:
+            size = p.numel()
+            g = torch.zeros_like(p, dtype=reduced.dtype)
+            for t in tasks:
+                g += reduced[offset : offset + size].view_as(p) * hw[t].to(reduced)
+                offset += size
+            p.grad = g.to(p.dtype).clone() if p.grad is None else p.grad.add_(g.to(p.dtype))
+
+
+def _is_plain_gramian(method: GradientMethod) -> bool:
+    from polytask.methods.base import GramianMethod
+
+    return isinstance(method, GramianMethod) and (
+        type(method)._aggregate is GramianMethod._aggregate
+    )
+
+
+def _gramian_weights(method: Any, g: Tensor, losses: Tensor, **kwargs: Any) -> Tensor:
+    """Weights from the global Gramian, computed on every rank (so that the method's state
+    advances identically) and then taken from rank 0, so that a solver's rounding on
+    different hardware cannot split the ranks' updates."""
+    w = method._weights(g, losses=losses, **kwargs).detach()
+    return method.sync.comm.broadcast(w.clone().contiguous())
+
+
+def gradient_backward(
+    method: GradientMethod,
+    losses: Tensor,
+    shared: list[Tensor],
+    features: Tensor | None,
+    mode: str,
+    ctx: dict[str, Any],
+) -> BackwardResult:
+    _reject_local_context(method, ctx)
+    if mode == "params":
+        return _params_backward(method, losses, shared, ctx)
+    assert features is not None
+    return _features_backward(method, losses, shared, features, ctx)
+
+
+def _params_backward(
+    method: GradientMethod, losses: Tensor, shared: list[Tensor], ctx: dict[str, Any]
+) -> BackwardResult:
+    from polytask.methods.base import BackwardResult, _check_finite_rows, _skip_step
+
+    sync = method.sync
+    assert sync is not None
+    sync.check_params_mode(method)
+    comm = sync.comm
+    scale = ctx.pop("loss_scale", None)
+    n = _count(ctx)
+    k = losses.shape[0]
+    jac = method.engine(losses, shared)
+    heads = _TaskGrads(losses, shared)
+    p_total = jac.shape[1]
+    plain = _is_plain_gramian(method)
+    sharded = plain and (
+        sync.params_strategy == "sharded"
+        or (sync.params_strategy == "auto" and k * p_total >= sync.shard_min_elements)
+    )
+    if sync.params_strategy == "sharded" and not plain:
+        raise DistributedError(
+            f"params_strategy='sharded' needs a method whose update is weights @ J with the "
+            f"weights a function of the Gramian; {type(method).__name__} needs the whole "
+            "Jacobian: use params_strategy='full' (or 'auto')"
+        )
+    dtype = jac.dtype
+    head = torch.cat([jac.new_tensor([n]), n * losses.detach().to(dtype), n * heads.flat.to(dtype)])
+    sizes = tuple(p.numel() for p in shared)
+    if not sharded:
+        payload = torch.cat([head, (n * jac).reshape(-1)])
+        comm.all_reduce(payload)
+        total_n = payload[0]
+        global_losses = payload[1 : 1 + k] / total_n
+        head_grads = payload[1 + k : 1 + k + heads.flat.numel()] / total_n
+        jac = payload[1 + k + heads.flat.numel() :].view(k, p_total) / total_n
+        if scale is not None:
+            if not bool(torch.isfinite(jac).all()):
+                return _skip_step(shared, "params", None)
+            jac = jac / scale
+        _check_finite_rows(jac, "gradient")
+        true_losses = global_losses if scale is None else global_losses / scale
+        if plain:
+            g = gramian(jac)
+            w = _gramian_weights(
+                method, g, true_losses, param_sizes=sizes, mode="params", features=None, **ctx
+            )
+            direction = w.to(jac) @ jac
+            weights, hw, extras = w, method._head_weights(w), {"gramian": g}
+        else:
+            result = method._aggregate(
+                jac, losses=true_losses, param_sizes=sizes, mode="params", features=None, **ctx
+            )
+            direction, weights, hw = result.direction, result.weights, result.head_weights
+            extras = dict(result.extras)
+    else:
+        world = comm.world_size
+        padded = -(-p_total // world) * world
+        block = torch.zeros(k, padded, dtype=dtype, device=jac.device)
+        block[:, :p_total] = n * jac
+        # Row-major [K, P'] scattered as R column blocks: transpose so each rank's shard is
+        # a contiguous set of columns for every task.
+        shards = block.view(k, world, padded // world).transpose(0, 1).reshape(-1)
+        mine = comm.reduce_scatter(shards).view(k, padded // world)
+        payload = torch.cat([head, (mine @ mine.T).reshape(-1)])
+        comm.all_reduce(payload)
+        total_n = payload[0]
+        global_losses = payload[1 : 1 + k] / total_n
+        head_grads = payload[1 + k : 1 + k + heads.flat.numel()] / total_n
+        g = payload[1 + k + heads.flat.numel() :].view(k, k) / total_n**2
+        mine = mine / total_n
+        if scale is not None:
+            if not bool(torch.isfinite(g).all()):
+                return _skip_step(shared, "params", None)
+            g, mine = g / scale**2, mine / scale
+        if not bool(torch.isfinite(g).all()):
+            raise DistributedError(
+                "the reduced Gramian is not finite; a task's gradient "
+                "overflowed on some rank (lower the learning rate)"
+            )
+        true_losses = global_losses if scale is None else global_losses / scale
+        w = _gramian_weights(
+            method, g, true_losses, param_sizes=sizes, mode="params", features=None, **ctx
+        )
+        direction = comm.all_gather((w.to(mine) @ mine).contiguous())[:p_total]
+        weights, hw, extras = w, method._head_weights(w), {"gramian": g}
+    if not bool(torch.isfinite(direction).all()):
+        raise DistributedError(
+            f"{type(method).__name__} produced a non-finite update from finite reduced "
+            "gradients; please report this as a bug"
+        )
+    head_weights = (
+        hw if hw is not None else (weights if weights is not None else torch.ones(k, dtype=dtype))
+    )
+    heads.accumulate(head_grads, head_weights)
+    accumulate_grads(shared, direction if scale is None else direction * scale)
+    g = extras.pop("gramian", None)
+    extras["jacobian_norms"] = (
+        g.diagonal().clamp_min(0).sqrt() if isinstance(g, Tensor) else jac.norm(dim=1)
+    ).detach()
+    extras["global_losses"] = global_losses.detach()
+    return BackwardResult(
+        weights=None if weights is None else weights.detach(),
+        gramian=g,
+        extras=extras,
+        head_weights=None if hw is None else hw.detach(),
+    )
+
+
+def _features_backward(
+    method: GradientMethod,
+    losses: Tensor,
+    shared: list[Tensor],
+    features: Tensor,
+    ctx: dict[str, Any],
+) -> BackwardResult:
+    from polytask.methods.base import BackwardResult, _check_finite_rows, _skip_step
+
+    sync = method.sync
+    assert sync is not None
+    comm = sync.comm
+    scale = ctx.pop("loss_scale", None)
+    n = _count(ctx)
+    k = losses.shape[0]
+    wrapper = sync.reducer() == "wrapper"
+    world = comm.world_size
+    plain = _is_plain_gramian(method)
+    local_cols = features.numel()
+    if plain:
+        g_local = method.engine.gramian(losses, [features])
+        dtype = g_local.dtype
+        payload = torch.cat(
+            [g_local.new_tensor([n]), n * losses.detach().to(dtype), (n * n * g_local).reshape(-1)]
+        )
+        comm.all_reduce(payload)
+        total_n = payload[0]
+        global_losses = payload[1 : 1 + k] / total_n
+        g = payload[1 + k :].view(k, k) / total_n**2
+        if scale is not None:
+            if not bool(torch.isfinite(g).all()):
+                return _skip_step(shared, "features", features)
+            g = g / scale**2
+        true_losses = global_losses if scale is None else global_losses / scale
+        w = _gramian_weights(
+            method,
+            g,
+            true_losses,
+            param_sizes=(local_cols,),
+            mode="features",
+            features=features,
+            **ctx,
+        )
+        weights, hw, extras, direction = w, method._head_weights(w), {"gramian": g}, None
+    else:
+        jac = method.engine(losses, [features])
+        dtype = jac.dtype
+        # Each rank's [count, losses, Jacobian, features] (Jacobian and features padded to the
+        # widest rank's columns) in one all-gather, after a one-number all-gather of the
+        # widths. The features' values go to methods that read them (ExcessMTL's per-sample
+        # terms) as the global batch's.
+        sizes_all = comm.all_gather(jac.new_tensor([float(local_cols)]))
+        width = int(sizes_all.max())
+        row = torch.zeros(1 + k + (k + 1) * width, dtype=dtype, device=jac.device)
+        row[0] = n
+        row[1 : 1 + k] = n * losses.detach().to(dtype)
+        row[1 + k : 1 + k + k * width].view(k, width)[:, :local_cols] = n * jac
+        row[1 + k + k * width : 1 + k + k * width + local_cols] = features.detach().reshape(-1)
+        gathered = comm.all_gather(row).view(world, -1)
+        total_n = gathered[:, 0].sum()
+        global_losses = gathered[:, 1 : 1 + k].sum(0) / total_n
+        cols = [int(c) for c in sizes_all.tolist()]
+        jac_all = (
+            torch.cat(
+                [
+                    gathered[r, 1 + k : 1 + k + k * width].view(k, width)[:, : cols[r]]
+                    for r in range(world)
+                ],
+                dim=1,
+            )
+            / total_n
+        )
+        global_features = (
+            torch.cat(
+                [gathered[r, 1 + k + k * width : 1 + k + k * width + cols[r]] for r in range(world)]
+            )
+            .view(-1, *features.shape[1:])
+            .to(features.dtype)
+        )
+        if scale is not None:
+            if not bool(torch.isfinite(jac_all).all()):
+                return _skip_step(shared, "features", features)
+            jac_all = jac_all / scale
+        _check_finite_rows(jac_all, "gradient")
+        true_losses = global_losses if scale is None else global_losses / scale
+        result = method._aggregate(
+            jac_all,
+            losses=true_losses,
+            param_sizes=(jac_all.shape[1],),
+            mode="features",
+            features=global_features,
+            **ctx,
+        )
+        start = sum(cols[: comm.rank])
+        direction = result.direction[start : start + local_cols]
+        if scale is not None:
+            direction = direction * scale
+        if wrapper:
+            direction = direction * world
+        weights, hw, extras = result.weights, result.head_weights, dict(result.extras)
+        g = extras.get("gramian")
+        extras.setdefault("gramian", None)
+        extras["_jac_norms"] = jac_all.norm(dim=1)
+    c = n / float(total_n) * (world if wrapper else 1)
+    head_weights = (
+        hw if hw is not None else (weights if weights is not None else torch.ones(k, dtype=dtype))
+    )
+    if direction is None:
+        # Gramian methods: the update through the encoder is w @ J, the backward of
+        # c sum_k w_k L_k; heads get c hw_k x their gradient.
+        assert weights is not None
+        if hw is None:
+            outputs, cotangents = [losses], [c * weights.to(losses)]
+            task_part = None
+        else:
+            (direction,) = torch.autograd.grad(
+                losses, features, grad_outputs=c * weights.to(losses), retain_graph=True
+            )
+            task_part = c * hw.to(losses)
+    else:
+        task_part = c * head_weights.to(losses)
+    if wrapper:
+        if direction is None:
+            torch.autograd.backward(outputs, grad_tensors=cotangents)
+        else:
+            task_leaves = leaves_reached([losses], stop_at=[features])
+            if task_leaves:
+                torch.autograd.backward(
+                    losses, grad_tensors=task_part, inputs=task_leaves, retain_graph=True
+                )
+            features.backward(direction.view_as(features).to(features.dtype))
+    else:
+        if direction is None:
+            leaves = leaves_reached([losses])
+            grads = _grads(outputs, cotangents, leaves)
+        else:
+            task_leaves = leaves_reached([losses], stop_at=[features])
+            encoder_leaves = leaves_reached([features])
+            leaves, grads = _merge(
+                [
+                    (task_leaves, _grads([losses], [task_part], task_leaves)),
+                    (
+                        encoder_leaves,
+                        _grads(
+                            [features],
+                            [direction.view_as(features).to(features.dtype)],
+                            encoder_leaves,
+                        ),
+                    ),
+                ]
+            )
+        _sum_and_accumulate(sync, leaves, grads)
+    norms = extras.pop("_jac_norms", None)
+    g = extras.pop("gramian", None)
+    extras["jacobian_norms"] = (
+        g.diagonal().clamp_min(0).sqrt() if isinstance(g, Tensor) else norms
+    ).detach()
+    extras["global_losses"] = global_losses.detach()
+    return BackwardResult(
+        weights=None if weights is None else weights.detach(),
+        gramian=g,
+        extras=extras,
+        head_weights=None if hw is None else hw.detach(),
+    )

@@ -1,0 +1,215 @@
+"""Attaching a method to a process group: :func:`distribute`, :func:`local`, and the checks
+that keep the ranks from drifting apart."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from polytask.distributed.comm import Communicator
+from polytask.errors import DistributedError
+
+if TYPE_CHECKING:
+    from polytask.methods.base import Method
+
+__all__ = [
+    "PARAMS_STRATEGIES",
+    "DistributedSync",
+    "broadcast_parameters",
+    "distribute",
+    "local",
+    "require_decision",
+]
+
+ParamsStrategy = Literal["auto", "full", "sharded"]
+PARAMS_STRATEGIES: tuple[str, ...] = ("auto", "full", "sharded")
+
+#: ``"auto"`` shards the params-mode Jacobian of a Gramian method from this many elements
+#: (K x P) on: 2^24 float32 elements are 64 MiB per rank per step.
+SHARD_MIN_ELEMENTS = 2**24
+
+
+def _wrapper(model: nn.Module | None) -> str | None:
+    """``"ddp"``, ``"fsdp"`` or ``None`` (a plain module, or no model given)."""
+    if model is None:
+        return None
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return "ddp"
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        if isinstance(model, FullyShardedDataParallel):
+            return "fsdp"
+    except ImportError:  # pragma: no cover - torch without FSDP
+        pass
+    try:
+        from torch.distributed.fsdp import FSDPModule  # torch >= 2.6 (fully_shard)
+
+        if isinstance(model, FSDPModule):
+            return "fsdp"
+    except ImportError:  # pragma: no cover - older torch
+        pass
+    return None
+
+
+@dataclass
+class DistributedSync:
+    """How a method balances over the ranks of a process group (see :func:`distribute`).
+
+    Attributes:
+        comm: the process group and the log of collectives.
+        model: the model as the training loop calls it (DDP/FSDP-wrapped or plain), or
+            ``None``.
+        params_strategy: ``"full"`` (one all-reduce of the K x P Jacobian), ``"sharded"``
+            (reduce-scatter, K x K all-reduce, all-gather; Gramian methods only) or
+            ``"auto"`` (sharded for Gramian methods from ``shard_min_elements`` on).
+        shard_min_elements: K x P from which ``"auto"`` shards.
+    """
+
+    comm: Communicator
+    model: nn.Module | None = None
+    params_strategy: ParamsStrategy = "auto"
+    shard_min_elements: int = SHARD_MIN_ELEMENTS
+
+    @property
+    def wrapper(self) -> str | None:
+        return _wrapper(self.model)
+
+    def reducer(self) -> Literal["wrapper", "polytask"]:
+        """Who sums the parameter gradients over the ranks in this step.
+
+        ``"wrapper"``: DDP (outside ``no_sync()``) or FSDP, which average them; polytask
+        then scales the local backward by the world size. ``"polytask"``: a plain module, or
+        DDP inside ``no_sync()``; polytask all-reduces the step's gradients itself.
+        """
+        kind = self.wrapper
+        if kind == "fsdp":
+            return "wrapper"
+        if kind == "ddp" and self.model.require_backward_grad_sync:  # type: ignore[union-attr]
+            return "wrapper"
+        return "polytask"
+
+    def check_params_mode(self, method: Method) -> None:
+        """Params mode takes K gradients through one forward: refuse a wrapper that would
+        all-reduce (or never see) them."""
+        kind = self.wrapper
+        name = type(method).__name__
+        if kind == "fsdp":
+            raise DistributedError(
+                f"{name}.backward(mode='params') needs every rank's full gradient of each task "
+                "w.r.t. the shared parameters, which FSDP shards away; use mode='features' "
+                "with FSDP, or DistributedDataParallel (or a plain module) in params mode"
+            )
+        if kind == "ddp" and self.model.require_backward_grad_sync:  # type: ignore[union-attr]
+            raise DistributedError(
+                f"{name}.backward(mode='params') under DistributedDataParallel needs the "
+                "forward pass inside `with model.no_sync():` (polytask all-reduces the task "
+                "gradients itself; DDP's hooks would reduce only part of them and the ranks "
+                "would drift); or use mode='features', which keeps DDP's own all-reduce"
+            )
+
+    def mean_losses(self, losses: Tensor, num_samples: float | None) -> Tensor:
+        """The count-weighted mean of every rank's ``losses`` (detached), one all-reduce."""
+        n = 1.0 if num_samples is None else float(num_samples)
+        payload = torch.cat([losses.detach().new_tensor([n]), n * losses.detach()])
+        self.comm.all_reduce(payload)
+        return payload[1:] / payload[0]
+
+
+def require_decision(method: Method) -> None:
+    """Refuse to balance one rank's batch alone when a process group is running, unless the
+    user chose that with :func:`local`: that silent case is how the ranks drift apart."""
+    if method.sync is not None or method.rank_local:
+        return
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        raise DistributedError(
+            f"torch.distributed is running with {dist.get_world_size()} ranks, but this "
+            f"{type(method).__name__} would balance this rank's batch alone and the ranks "
+            "would drift apart; call polytask.distributed.distribute(method, model) once "
+            "after wrapping the model (the method then balances the global batch), or "
+            "polytask.distributed.local(method) if each rank should balance on its own"
+        )
+
+
+def local(method: Method) -> Method:
+    """Let ``method`` balance each rank's own batch while a process group runs (on purpose:
+    e.g. every rank trains its own model). Returns ``method``."""
+    method.sync = None
+    method.rank_local = True
+    return method
+
+
+@torch.no_grad()
+def broadcast_parameters(module: nn.Module, comm: Communicator, src: int = 0) -> None:
+    """Copy rank ``src``'s parameters and buffers to every rank (what DDP does at wrap time;
+    needed when polytask reduces the gradients of a plain module itself)."""
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        comm.broadcast(tensor.data, src)
+
+
+def _cpu_state(state: dict[str, Any]) -> dict[str, Any]:
+    return {k: v.detach().cpu() if isinstance(v, Tensor) else v for k, v in state.items()}
+
+
+def distribute(
+    method: Method,
+    model: nn.Module | None = None,
+    *,
+    group: Any = None,
+    params_strategy: ParamsStrategy = "auto",
+    shard_min_elements: int = SHARD_MIN_ELEMENTS,
+) -> Method:
+    """Make ``method`` balance the global batch of a ``torch.distributed`` process group.
+
+    Call it on every rank after ``init_process_group`` (and after wrapping the model), then
+    use ``method.backward`` as usual, passing ``num_samples=`` (this rank's number of
+    samples) where the ranks' batches may differ in size. Each step then equals one
+    single-process step on the concatenation of the ranks' batches (rank order): the losses,
+    the Jacobian or Gramian, the weights, every parameter's ``.grad`` and the method's state.
+
+    It copies rank 0's method state (learnable parameters, history, random generator) to
+    every rank, and rank 0's parameters and buffers to every rank when ``model`` is a plain
+    module (DDP and FSDP do that themselves).
+
+    Args:
+        method: the method to distribute (returned).
+        model: the model as the loop calls it: ``DistributedDataParallel`` (params mode
+            under ``no_sync()``; features mode and loss weightings with DDP's own
+            all-reduce), FSDP (features mode and loss weightings), or a plain module (polytask
+            all-reduces every gradient itself). ``None``: a plain model whose parameters the
+            caller keeps identical.
+        group: the process group (default: the world).
+        params_strategy: see :class:`DistributedSync`.
+        shard_min_elements: K x P from which ``"auto"`` shards.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        raise DistributedError(
+            "polytask.distributed.distribute needs a running process group; call "
+            "torch.distributed.init_process_group(...) first (torchrun sets its environment)"
+        )
+    if params_strategy not in PARAMS_STRATEGIES:
+        raise ValueError(
+            f"params_strategy={params_strategy!r} must be one of {list(PARAMS_STRATEGIES)}"
+        )
+    if isinstance(shard_min_elements, bool) or not isinstance(shard_min_elements, int):
+        raise ValueError(f"shard_min_elements={shard_min_elements!r} must be an integer")
+    reason = method.why_not_distributable()
+    if reason is not None:
+        raise DistributedError(
+            f"{type(method).__name__} cannot balance across ranks: {reason} "
+            "(docs/distributed.md lists what is supported)"
+        )
+    comm = Communicator(group)
+    sync = DistributedSync(comm, model, params_strategy, shard_min_elements)
+    state = comm.broadcast_object(_cpu_state(method.state_dict()) if comm.rank == 0 else None)
+    method.load_state_dict(state)
+    if model is not None and sync.wrapper is None:
+        broadcast_parameters(model, comm)
+    comm.clear()
+    method.sync = sync
+    method.rank_local = False
+    return method

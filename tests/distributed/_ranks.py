@@ -1,0 +1,417 @@
+"""What each rank runs in the distributed tests (spawned with gloo, float64).
+
+Every scenario writes ``{"failures": [...], "params": {...}}`` to ``OUT/rank<r>.pt``; the
+test asserts no failures and the same parameters on every rank. The single-process
+reference runs inside each rank on the concatenated batch (rank order), with the method
+marked ``local``.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import polytask
+from polytask.distributed import distribute, local
+from polytask.methods.context import CONTEXT
+
+K = 3
+#: Rank r holds these rows of the global batch (uneven on purpose).
+SHARDS = {1: [range(0, 7)], 2: [range(0, 4), range(4, 7)]}
+TOL = dict(rtol=1e-9, atol=1e-11)
+
+
+class Net(nn.Module):
+    """Encoder, one head per task, and a layer that tasks 0 and 1 both read (a task
+    parameter with two owners)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3), nn.Tanh())
+        self.heads = nn.ModuleList(nn.Linear(3, 1) for _ in range(K))
+        self.joint = nn.Linear(3, 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        z = self.encoder(x)
+        outs = [h(z) + (self.joint(z) if k < 2 else 0) for k, h in enumerate(self.heads)]
+        return z, outs
+
+
+def data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(7, 5, generator=g), torch.randn(7, K, generator=g)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(scenario: str, world: int = 2) -> list[dict[str, Any]]:
+    """Run ``scenario`` on ``world`` gloo ranks; return each rank's report."""
+    with tempfile.TemporaryDirectory() as out:
+        mp.spawn(_entry, args=(world, free_port(), out, scenario), nprocs=world, join=True)
+        return [torch.load(Path(out) / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+def _entry(rank: int, world: int, port: int, out: str, scenario: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    torch.set_default_dtype(torch.float64)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        report = SCENARIOS[scenario](rank, world)
+    except Exception as error:  # the test prints it instead of a hung peer
+        import traceback
+
+        report = {"failures": [f"rank {rank} crashed: {traceback.format_exc()}"], "params": {}}
+        torch.save(report, Path(out) / f"rank{rank}.pt")
+        raise error
+    torch.save(report, Path(out) / f"rank{rank}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+# -- helpers ----------------------------------------------------------------------------------
+def context_for(method: type) -> dict[str, Any]:
+    return {key: CONTEXT[key].example(K) for key in method.needs}
+
+
+def step(model, method, x, y, mode: str, ctx: dict[str, Any], n: int | None):
+    z, outs = model(x)
+    losses = torch.stack([((o.squeeze(-1) - y[:, k]) ** 2).mean() for k, o in enumerate(outs)])
+    enc = (
+        model.module.encoder
+        if isinstance(model, nn.parallel.DistributedDataParallel)
+        else (model.encoder)
+    )
+    extra = {} if n is None else {"num_samples": n}
+    return method.backward(
+        losses,
+        shared_params=list(enc.parameters()),
+        features=z if mode == "features" else None,
+        mode=mode,
+        **ctx,
+        **extra,
+    ), losses
+
+
+def after(model, method, x, y, n: int | None) -> None:
+    if type(method).needs_losses_after_step:
+        with torch.no_grad():
+            _, outs = model(x)
+            losses = torch.stack(
+                [((o.squeeze(-1) - y[:, k]) ** 2).mean() for k, o in enumerate(outs)]
+            )
+        method.after_step(losses, num_samples=n)
+
+
+def compare(tag: str, a: Any, b: Any, failures: list[str]) -> None:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        if a is None or b is None or not isinstance(a, torch.Tensor):
+            failures.append(f"{tag}: {a!r} vs {b!r}")
+        elif a.dtype == torch.uint8 or a.dtype == torch.bool:
+            if not torch.equal(a, b):
+                failures.append(f"{tag}: differ")
+        elif a.shape != b.shape or not torch.allclose(a, b.to(a), **TOL):
+            failures.append(f"{tag}: {a.flatten()[:6].tolist()} vs {b.flatten()[:6].tolist()}")
+    elif isinstance(a, dict) and isinstance(b, dict):
+        if set(a) != set(b):
+            failures.append(f"{tag}: keys {sorted(a)} vs {sorted(b)}")
+        for key in a:
+            if key in b:
+                compare(f"{tag}.{key}", a[key], b[key], failures)
+    elif isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and len(a) == len(b):
+        for i, (u, v) in enumerate(zip(a, b)):
+            compare(f"{tag}[{i}]", u, v, failures)
+    elif isinstance(a, float) and isinstance(b, float):
+        if abs(a - b) > 1e-9 * max(1.0, abs(a)):
+            failures.append(f"{tag}: {a} vs {b}")
+    elif a != b:
+        failures.append(f"{tag}: {a!r} vs {b!r}")
+
+
+def grads(model: nn.Module) -> dict[str, torch.Tensor | None]:
+    inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    return {n: None if p.grad is None else p.grad.clone() for n, p in inner.named_parameters()}
+
+
+def params(model: nn.Module) -> dict[str, torch.Tensor]:
+    inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    return {n: p.detach().clone() for n, p in inner.named_parameters()}
+
+
+def equivalence(
+    rank: int,
+    world: int,
+    name: str,
+    mode: str,
+    *,
+    wrap: str = "plain",
+    steps: int = 1,
+    optimizer: str = "sgd",
+    group: Any = None,
+    failures: list[str],
+    sync_kwargs: dict[str, Any] | None = None,
+    count: bool = True,
+) -> tuple[dict[str, torch.Tensor], Any]:
+    """``steps`` steps of ``name`` on this rank's shard vs the reference on the whole batch."""
+    cls = polytask.methods.get(name)
+    ctx = context_for(cls)
+    x, y = data()
+    rows = list(SHARDS[world][rank]) if group is None else list(range(7))
+    torch.manual_seed(0)
+    reference = Net()
+    torch.manual_seed(1000 + rank)  # ranks start from different weights: distribute syncs them
+    model = Net()
+    if wrap == "ddp":
+        model = copy.deepcopy(reference)
+        model = nn.parallel.DistributedDataParallel(model)
+    ref_method = local(polytask.methods.create(name, K, seed=0))
+    source = dist.get_rank(group) == 0
+    # Other ranks start from other seeds: distribute copies the source rank's state.
+    method = polytask.methods.create(name, K, seed=0 if source else 1000 + rank)
+    if wrap == "plain" and source:
+        model.load_state_dict(reference.state_dict())
+    distribute(method, model, group=group, **(sync_kwargs or {}))
+    tag = f"{name}/{mode}/{wrap}"
+
+    def make_opt(m: nn.Module):
+        return (torch.optim.SGD if optimizer == "sgd" else torch.optim.Adam)(
+            list(m.parameters())
+            + list(ref_method.parameters() if m is reference else method.parameters()),
+            lr=0.05,
+        )
+
+    opt_ref, opt = make_opt(reference), make_opt(model)
+    n = len(rows) if count else None
+    for i in range(steps):
+        opt_ref.zero_grad()
+        opt.zero_grad()
+        res_ref, _ = step(reference, ref_method, x, y, mode, ctx, None)
+        if wrap == "ddp" and mode == "params" and cls.family != "loss":
+            with model.no_sync():
+                res, _ = step(model, method, x[rows], y[rows], mode, ctx, n)
+        else:
+            res, _ = step(model, method, x[rows], y[rows], mode, ctx, n)
+        compare(f"{tag} step {i} weights", res_ref.weights, res.weights, failures)
+        compare(f"{tag} step {i} grads", grads(reference), grads(model), failures)
+        compare(
+            f"{tag} step {i} method grads",
+            {n_: p.grad for n_, p in ref_method.named_parameters()},
+            {n_: p.grad for n_, p in method.named_parameters()},
+            failures,
+        )
+        opt_ref.step()
+        opt.step()
+        after(reference, ref_method, x, y, None)
+        after(model, method, x[rows], y[rows], n)
+        compare(f"{tag} step {i} params", params(reference), params(model), failures)
+    compare(f"{tag} state", ref_method.state_dict(), method.state_dict(), failures)
+    return params(model), method
+
+
+# -- scenarios --------------------------------------------------------------------------------
+def _distributable() -> list[str]:
+    out = []
+    for name in polytask.methods.available():
+        cls = polytask.methods.get(name)
+        if cls.distributable and not cls.needs_meta_step:
+            out.append(name)
+    return out
+
+
+def every_method(rank: int, world: int) -> dict[str, Any]:
+    failures: list[str] = []
+    finals = {}
+    for name in _distributable():
+        for mode in sorted(polytask.methods.get(name).modes):
+            finals[f"{name}/{mode}"], _ = equivalence(rank, world, name, mode, failures=failures)
+    return {"failures": failures, "params": finals}
+
+
+def with_ddp(rank: int, world: int) -> dict[str, Any]:
+    """DDP's own all-reduce in features mode and for loss weightings; params mode under
+    ``no_sync()``."""
+    failures: list[str] = []
+    finals = {}
+    for name in _distributable():
+        for mode in sorted(polytask.methods.get(name).modes):
+            finals[f"{name}/{mode}"], _ = equivalence(
+                rank, world, name, mode, wrap="ddp", failures=failures
+            )
+    return {"failures": failures, "params": finals}
+
+
+#: Methods run for several steps: state carried between steps, randomness, learnable weights.
+SEVERAL = [
+    "famo",
+    "uw",
+    "dwa",
+    "rlw",
+    "nash_mtl",
+    "pcgrad",
+    "gradvac",
+    "mgda",
+    "imtl_l",
+    "moco",
+    "db_mtl",
+    "aligned_mtl",
+]
+
+
+def several_steps(rank: int, world: int) -> dict[str, Any]:
+    failures: list[str] = []
+    finals = {}
+    for optimizer in ("sgd", "adam"):
+        for name in SEVERAL:
+            for mode in sorted(polytask.methods.get(name).modes):
+                finals[f"{name}/{mode}/{optimizer}"], _ = equivalence(
+                    rank, world, name, mode, steps=3, optimizer=optimizer, failures=failures
+                )
+    return {"failures": failures, "params": finals}
+
+
+def _plain_gramian() -> list[str]:
+    from polytask.methods.base import GramianMethod
+
+    return [
+        name
+        for name in _distributable()
+        if issubclass(polytask.methods.get(name), GramianMethod)
+        and polytask.methods.get(name)._aggregate is GramianMethod._aggregate
+    ]
+
+
+def sharded(rank: int, world: int) -> dict[str, Any]:
+    failures: list[str] = []
+    finals = {}
+    for name in _plain_gramian():
+        finals[name], _ = equivalence(
+            rank,
+            world,
+            name,
+            "params",
+            steps=2,
+            failures=failures,
+            sync_kwargs={"params_strategy": "sharded"},
+        )
+    return {"failures": failures, "params": finals, "methods": _plain_gramian()}
+
+
+def world_of_one(rank: int, world: int) -> dict[str, Any]:
+    """A group of one rank equals no distribution at all."""
+    groups = [dist.new_group([r]) for r in range(world)]
+    failures: list[str] = []
+    for name in _distributable():
+        for mode in sorted(polytask.methods.get(name).modes):
+            equivalence(rank, world, name, mode, group=groups[rank], failures=failures)
+    return {"failures": failures, "params": {}}
+
+
+def uncounted(rank: int, world: int) -> dict[str, Any]:
+    """Without ``num_samples`` uneven shards count equally: not the concatenated batch."""
+    failures: list[str] = []
+    equivalence(rank, world, "ew", "params", failures=failures, count=False)
+    return {"failures": [], "params": {}, "differences": failures}
+
+
+def payloads(rank: int, world: int) -> dict[str, Any]:
+    """The collectives of one step of each kind, as logged by the communicator."""
+    x, y = data()
+    rows = list(SHARDS[world][rank])
+    out: dict[str, Any] = {}
+    cases = [
+        ("mgda", "params", "plain", {"params_strategy": "full"}),
+        ("mgda", "params", "plain", {"params_strategy": "sharded"}),
+        ("pcgrad", "params", "plain", {}),
+        ("mgda", "features", "plain", {}),
+        ("mgda", "features", "ddp", {}),
+        ("pcgrad", "features", "ddp", {}),
+        ("uw", "params", "plain", {}),
+        ("uw", "params", "ddp", {}),
+    ]
+    for name, mode, wrap, kwargs in cases:
+        torch.manual_seed(0)
+        model = Net()
+        if wrap == "ddp":
+            model = nn.parallel.DistributedDataParallel(model)
+        method = distribute(polytask.methods.create(name, K, seed=0), model, **kwargs)
+        ctx = context_for(type(method))
+        if wrap == "ddp" and mode == "params" and method.family != "loss":
+            with model.no_sync():
+                step(model, method, x[rows], y[rows], mode, ctx, len(rows))
+        else:
+            step(model, method, x[rows], y[rows], mode, ctx, len(rows))
+        out[f"{name}/{mode}/{wrap}/{kwargs.get('params_strategy', 'auto')}"] = list(
+            method.sync.comm.log
+        )
+    return {"failures": [], "params": {}, "payloads": out}
+
+
+def misuse(rank: int, world: int) -> dict[str, Any]:
+    """Each wrong way is a DistributedError that says what to do."""
+    from polytask.errors import DistributedError
+
+    x, y = data()
+    rows = list(SHARDS[world][rank])
+    messages: dict[str, str] = {}
+
+    def expect(tag: str, action: Callable[[], Any]) -> None:
+        try:
+            action()
+        except DistributedError as error:
+            messages[tag] = str(error)
+        else:
+            messages[tag] = "NO ERROR"
+
+    torch.manual_seed(0)
+    plain = Net()
+    undecided = polytask.methods.create("pcgrad", K)
+    expect("undecided", lambda: step(plain, undecided, x[rows], y[rows], "params", {}, None))
+    ddp = nn.parallel.DistributedDataParallel(Net())
+    method = distribute(polytask.methods.create("pcgrad", K, seed=0), ddp)
+    expect("ddp_params_synced", lambda: step(ddp, method, x[rows], y[rows], "params", {}, 4))
+    expect("meta", lambda: distribute(polytask.methods.create("auto_lambda", K), plain))
+    expect("rotograd", lambda: distribute(polytask.methods.create("rotograd", K), plain))
+    expect(
+        "nash_reuse",
+        lambda: distribute(polytask.methods.create("nash_mtl", K, update_weights_every=2)),
+    )
+    partial = distribute(polytask.methods.create("ew", K), plain)
+    present = torch.tensor([True, False, True])
+    _, outs = plain(x[rows])
+    losses = torch.stack([((o.squeeze(-1) - y[rows, k]) ** 2).mean() for k, o in enumerate(outs)])
+    expect(
+        "partial",
+        lambda: partial.backward(
+            losses, shared_params=list(plain.encoder.parameters()), present=present
+        ),
+    )
+    # Balancing each rank on its own is allowed when chosen.
+    chosen = local(polytask.methods.create("pcgrad", K))
+    step(plain, chosen, x[rows], y[rows], "params", {}, None)
+    return {"failures": [], "params": {}, "messages": messages}
+
+
+SCENARIOS: dict[str, Callable[[int, int], dict[str, Any]]] = {
+    "every_method": every_method,
+    "with_ddp": with_ddp,
+    "several_steps": several_steps,
+    "sharded": sharded,
+    "world_of_one": world_of_one,
+    "uncounted": uncounted,
+    "payloads": payloads,
+    "misuse": misuse,
+}

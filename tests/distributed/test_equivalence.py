@@ -62,7 +62,8 @@ def test_communication_payload_is_the_documented_one() -> None:
     logs = launch("payloads")[0]["payloads"]
     p = 5 * 4 + 4 + 4 * 3 + 3  # encoder parameters
     h = K * (3 + 1) + (3 + 1) * 2  # heads, and `joint` once per each of its two tasks
-    model = p + K * 4 + 4  # every parameter of the model
+    # Every parameter of the model, after one reached-flag per parameter tensor (12).
+    model = 12 + p + K * 4 + 4
     assert logs["mgda/params/plain/full"] == [
         ("all_reduce", 1 + K + h + K * p),
         ("broadcast", K),
@@ -100,3 +101,4 @@ def test_misuse_raises_and_says_what_to_do() -> None:
     assert "representation" in messages["rotograd"]
     assert "update_weights_every=1" in messages["nash_reuse"]
     assert "every task" in messages["partial"]
+    assert "did not go through the DDP module" in messages["ddp_bypassed"]

@@ -13,6 +13,7 @@ from polytask.distributed.sync import (
     broadcast_parameters,
     distribute,
     local,
+    rank_and_world,
 )
 
 __all__ = [
@@ -22,4 +23,5 @@ __all__ = [
     "broadcast_parameters",
     "distribute",
     "local",
+    "rank_and_world",
 ]

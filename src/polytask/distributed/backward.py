@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from polytask.distributed.sync import DistributedSync
     from polytask.methods.base import BackwardResult, GradientMethod, LossMethod
 
-__all__ = ["gradient_backward", "loss_backward"]
+__all__ = ["gradient_backward", "loss_backward", "reduce_backward"]
 
 
 def _count(ctx: dict[str, Any]) -> float:
@@ -63,16 +63,56 @@ def _grads(outputs: list[Tensor], cotangents: list[Tensor], leaves: list[Tensor]
     )
 
 
+def _canonical(sync: DistributedSync, leaves: list[Tensor]) -> list[Tensor]:
+    """The model's trainable parameters in their fixed order, then the other ``leaves``: the
+    same list on every rank even where a rank's graph skips a parameter (an expert no
+    sample of its batch was routed to)."""
+    if sync.model is None:
+        return leaves
+    params = [p for p in sync.model.parameters() if p.requires_grad]
+    known = {id(p) for p in params}
+    return params + [p for p in leaves if id(p) not in known]
+
+
 def _sum_and_accumulate(sync: DistributedSync, leaves: list[Tensor], grads: list) -> None:
     """All-reduce (sum) this step's gradients of ``leaves`` in one flat buffer and add them
-    into ``.grad``: earlier accumulated gradients are not reduced again."""
+    into ``.grad``: earlier accumulated gradients are not reduced again. A leaf that no rank
+    reached keeps ``.grad`` as it was (``None`` stays ``None``, as in one process)."""
     if not leaves:
         return
+    found = {id(p): g for p, g in zip(leaves, grads)}
+    leaves = _canonical(sync, leaves)
+    grads = [found.get(id(p)) for p in leaves]
+    ref = next(g for g in [*grads, leaves[0]] if g is not None)
+    flags = torch.tensor([g is not None for g in grads], dtype=ref.dtype, device=ref.device)
     flat = torch.cat(
-        [(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, leaves)]
+        [flags]
+        + [
+            (g if g is not None else torch.zeros_like(p)).reshape(-1).to(ref.dtype)
+            for g, p in zip(grads, leaves)
+        ]
     )
     sync.comm.all_reduce(flat)
-    accumulate_grads(leaves, flat)
+    reached = flat[: len(leaves)] > 0
+    offset = len(leaves)
+    for p, hit in zip(leaves, reached.tolist()):
+        n = p.numel()
+        if hit:
+            g = flat[offset : offset + n].view_as(p).to(p.dtype)
+            p.grad = g.clone() if p.grad is None else p.grad.add_(g)
+        offset += n
+
+
+def reduce_backward(sync: DistributedSync, term: Tensor, num_samples: float | None) -> None:
+    """Backward of a scalar ``term`` that each rank computed on its own samples (a model's
+    regulariser or auxiliary loss): accumulates the count-weighted mean over the ranks of its
+    gradient, the gradient of the term of the concatenated batch where it is a mean over
+    samples."""
+    n = 1.0 if num_samples is None else float(num_samples)
+    total = sync.comm.all_reduce(term.detach().new_tensor([n], dtype=torch.float64))
+    leaves = leaves_reached([term])
+    grads = _grads([term], [torch.full_like(term, n / float(total[0]))], leaves)
+    _sum_and_accumulate(sync, leaves, grads)
 
 
 def _merge(pairs: list[tuple[list[Tensor], list]]) -> tuple[list[Tensor], list]:
@@ -132,7 +172,8 @@ def loss_backward(
         for i, (outputs, _, inputs) in enumerate(parts):
             if inputs:
                 torch.autograd.backward(outputs, inputs=inputs, retain_graph=i < len(parts) - 1)
-        return BackwardResult(weights=weights.detach())
+        sync.verify_wrapper_reduced()
+        return BackwardResult(weights=weights.detach(), extras={"global_losses": global_losses})
     pairs = []
     for outputs, _, inputs in parts:
         model_leaves = [p for p in inputs if id(p) not in own]
@@ -144,7 +185,7 @@ def loss_backward(
                 p.grad = g.clone() if p.grad is None else p.grad.add_(g)
     leaves, grads = _merge(pairs)
     _sum_and_accumulate(sync, leaves, grads)
-    return BackwardResult(weights=weights.detach())
+    return BackwardResult(weights=weights.detach(), extras={"global_losses": global_losses})
 
 
 # -- gradient methods ------------------------------------------------------------------------
@@ -499,6 +540,7 @@ def _features_backward(
                     losses, grad_tensors=task_part, inputs=task_leaves, retain_graph=True
                 )
             features.backward(direction.view_as(features).to(features.dtype))
+        sync.verify_wrapper_reduced()
     else:
         if direction is None:
             leaves = leaves_reached([losses])

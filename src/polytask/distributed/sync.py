@@ -22,6 +22,7 @@ __all__ = [
     "broadcast_parameters",
     "distribute",
     "local",
+    "rank_and_world",
     "require_decision",
 ]
 
@@ -74,6 +75,8 @@ class DistributedSync:
     model: nn.Module | None = None
     params_strategy: ParamsStrategy = "auto"
     shard_min_elements: int = SHARD_MIN_ELEMENTS
+    #: Whether the first DDP-reduced step was checked (see :meth:`verify_wrapper_reduced`).
+    verified: bool = False
 
     @property
     def wrapper(self) -> str | None:
@@ -112,12 +115,47 @@ class DistributedSync:
                 "would drift); or use mode='features', which keeps DDP's own all-reduce"
             )
 
+    def verify_wrapper_reduced(self) -> None:
+        """After the first step that DDP was to reduce: check that it did. A forward that
+        bypassed the DDP module (``ddp.module(x)``, ``ddp.module.encoder(x)``) leaves every
+        rank its own gradients and DDP says nothing; two numbers per rank catch it."""
+        if self.verified or self.wrapper != "ddp":
+            return
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]  # type: ignore[union-attr]
+        if not grads:
+            return
+        s = torch.stack([g.double().sum() for g in grads]).sum()
+        a = torch.stack([g.double().abs().sum() for g in grads]).sum()
+        stats = torch.stack([s, a, s * s, a * a])
+        self.comm.all_reduce(stats)
+        r = self.comm.world_size
+        spread = torch.stack(
+            [stats[2] / r - (stats[0] / r) ** 2, stats[3] / r - (stats[1] / r) ** 2]
+        )
+        scale = torch.stack([(stats[0] / r) ** 2, (stats[1] / r) ** 2]).clamp_min(1e-300)
+        if bool((spread.abs() > 1e-9 * scale).any()):
+            raise DistributedError(
+                "the ranks hold different gradients after a step that DistributedDataParallel "
+                "was to all-reduce: the forward pass did not go through the DDP module (e.g. "
+                "ddp.module(x) or ddp.module.encoder(x)), so DDP reduced nothing. Call the "
+                "DDP module itself (have its forward return the shared features too), or "
+                "pass the plain module to distribute() and let polytask reduce"
+            )
+        self.verified = True
+
     def mean_losses(self, losses: Tensor, num_samples: float | None) -> Tensor:
         """The count-weighted mean of every rank's ``losses`` (detached), one all-reduce."""
         n = 1.0 if num_samples is None else float(num_samples)
         payload = torch.cat([losses.detach().new_tensor([n]), n * losses.detach()])
         self.comm.all_reduce(payload)
         return payload[1:] / payload[0]
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of the running default process group, else (0, 1)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def require_decision(method: Method) -> None:

@@ -20,6 +20,7 @@ import torch
 
 import polytask
 from polytask.data import benchmark as benchmarks
+from polytask.distributed import rank_and_world
 from polytask.results.store import ResultsStore, RunSpec, _dumps, _loads
 from polytask.tasks import TaskSet
 from polytask.train.trainer import TrainConfig, Trainer
@@ -133,22 +134,29 @@ def run(
         # A per-metric selection names one task's metric; the other baselines select on Δm
         # against their first validation scores (monotone in a single metric).
         select = "delta_m"
-    baselines = None
-    if store is not None and not is_stl:
-        baselines = baseline_scores(store, benchmark, arch, "val", names, recipe_dict) or None
-        if baselines is None and select == "delta_m":
+
+    def look_up_baselines() -> dict[str, float] | None:
+        if store is None or is_stl:
+            return None
+        found = baseline_scores(store, benchmark, arch, "val", names, recipe_dict) or None
+        if found is None and select == "delta_m":
             raise RunSetupError(
                 f"selecting {benchmark} runs on Δm needs the single-task baselines of "
                 f"architecture {arch!r} with this recipe in the store; run `polytask baselines "
                 f"{benchmark}` with the same --arch/--set/--epochs first, or select on the "
                 "validation loss with --set select=loss"
             )
-    if store is not None:
-        run_id = store.claim(spec, provenance=provenance())
-        if run_id is None:
-            return None
-    else:
-        run_id = None
+        return found
+
+    # Under torchrun, rank 0 alone reads and writes the store; the others follow its answer.
+    rank, _ = rank_and_world()
+    baselines = _on_rank_zero(look_up_baselines)
+    claimed = _on_rank_zero(
+        lambda: None if store is None else store.claim(spec, provenance=provenance())
+    )
+    if store is not None and claimed is None:
+        return None
+    run_id = claimed if rank == 0 else None
     try:
         splits = _datasets(bench, root, data_options)
         torch.manual_seed(seed)
@@ -249,6 +257,8 @@ def _with_seed(method: str, hparams: Mapping[str, Any], seed: int) -> dict[str, 
 
 def _log_epoch(store: ResultsStore, run_id: int, record: Mapping[str, Any]) -> None:
     extra = {"train_losses": record["train_losses"], "weights": record.get("weights")}
+    # The validation selection score (lower is better), which `polytask tune` optimises.
+    extra["score"] = record["score"]
     store.log_epoch(run_id, record["epoch"], "val", record["val"], record["val_losses"])
     if record["test"]:
         store.log_epoch(run_id, record["epoch"], "test", record["test"])
@@ -310,3 +320,24 @@ def baseline_scores(
     if covered != set(tasks):
         return {}
     return {k: sum(v) / len(v) for k, v in scores.items()}
+
+
+def _on_rank_zero(fn: Any) -> Any:
+    """``fn()`` on rank 0 of a running process group, its result (or its error) on every
+    rank; plainly ``fn()`` without one."""
+    rank, world = rank_and_world()
+    if world == 1:
+        return fn()
+    import torch.distributed as dist
+
+    box: list[Any] = [None]
+    if rank == 0:
+        try:
+            box[0] = ("ok", fn())
+        except Exception as error:  # every rank raises it, none waits forever
+            box[0] = ("error", error)
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "error":
+        raise value
+    return value

@@ -22,9 +22,13 @@ class ResumableBatchSampler(Sampler[list[int]]):
         shuffle: a fresh permutation each epoch (else the natural order).
         seed: the base seed of the permutations.
         drop_last: drop the last incomplete batch.
-        rank, world_size: under DDP each rank takes every ``world_size``-th sample of the
-            epoch's order (the padding question is left to the caller: with ``drop_last`` the
-            epoch is cut to a multiple of ``world_size * batch_size``).
+        rank, world_size: with several ranks ``batch_size`` is the global batch: each
+            global batch of the epoch's order is split into ``world_size`` consecutive parts
+            as equal as possible (sizes differ by at most one), and rank r takes part r, so
+            the ranks' batches concatenated in rank order are the single-process batch.
+            Nothing is padded or duplicated (polytask.distributed weights each rank by its
+            count); a last global batch with fewer samples than ranks is dropped (at most
+            ``world_size - 1`` samples an epoch), since a rank cannot take an empty step.
     """
 
     def __init__(
@@ -53,23 +57,32 @@ class ResumableBatchSampler(Sampler[list[int]]):
     def _order(self) -> list[int]:
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-            order = torch.randperm(self.num_samples, generator=g).tolist()
-        else:
-            order = list(range(self.num_samples))
-        if self.drop_last:
-            usable = len(order) // (self.batch_size * self.world_size)
-            order = order[: usable * self.batch_size * self.world_size]
-        return order[self.rank :: self.world_size]
+            return torch.randperm(self.num_samples, generator=g).tolist()
+        return list(range(self.num_samples))
+
+    def _sizes(self) -> list[int]:
+        """The global batch sizes of an epoch."""
+        full, rest = divmod(self.num_samples, self.batch_size)
+        sizes = [self.batch_size] * full
+        if rest and not self.drop_last and rest >= self.world_size:
+            sizes.append(rest)
+        return sizes
 
     def __len__(self) -> int:
-        n = len(self._order())
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        return len(self._sizes())
+
+    def _part(self, batch: list[int]) -> list[int]:
+        q, r = divmod(len(batch), self.world_size)
+        start = self.rank * q + min(self.rank, r)
+        return batch[start : start + q + (self.rank < r)]
 
     def __iter__(self) -> Iterator[list[int]]:
         order = self._order()
-        batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
-        if self.drop_last and batches and len(batches[-1]) < self.batch_size:
-            batches.pop()
+        batches = []
+        offset = 0
+        for size in self._sizes():
+            batches.append(self._part(order[offset : offset + size]))
+            offset += size
         start = self.position
         for i in range(start, len(batches)):
             self.position = i + 1

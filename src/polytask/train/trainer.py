@@ -23,8 +23,10 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
+from polytask.distributed import distribute, rank_and_world
+from polytask.distributed.backward import reduce_backward
 from polytask.methods import Method
 from polytask.methods.context import CONTEXT
 from polytask.results import delta_m
@@ -191,6 +193,15 @@ class Trainer:
             called after each optimizer step. ``features`` is the shared representation in
             features mode, else ``None``.
         out_dir: where ``last.pt`` (checkpoint) and ``log.jsonl`` go; ``None`` keeps nothing.
+
+    Under ``torchrun`` (a ``torch.distributed`` process group of several ranks, initialised
+    before the trainer is built), every rank builds the same trainer: ``batch_size`` stays
+    the global batch, split across the ranks (:class:`ResumableBatchSampler`); the method
+    balances the global batch (:func:`polytask.distributed.distribute`; polytask reduces
+    every gradient, including the model's regularisers and auxiliary losses); BatchNorm-style
+    buffers follow rank 0 at each step, as DDP's default; evaluation splits the validation
+    and test sets across the ranks and syncs the metrics and losses; only rank 0 writes the
+    checkpoint and the log, and every rank resumes from it.
     """
 
     def __init__(
@@ -262,6 +273,10 @@ class Trainer:
         self.model = model.to(self.device)
         self.tasks = tasks
         self.method = method.to(self.device)
+        self.rank, self.world_size = rank_and_world()
+        if self.world_size > 1:
+            # Copies rank 0's model and method state to every rank.
+            distribute(self.method, self.model)
         # Meta methods update their weights with their own meta optimizer in meta_step.
         own = [] if method.needs_meta_step else list(self.method.parameters())
         self.train_loss = train_loss
@@ -280,8 +295,14 @@ class Trainer:
         self.baselines = baselines
         self.context_fn = context_fn
         self.out_dir = None if out_dir is None else Path(out_dir)
+        self._writes = self.rank == 0
         self.sampler = ResumableBatchSampler(
-            len(train), config.batch_size, shuffle=True, seed=config.seed
+            len(train),
+            config.batch_size,
+            shuffle=True,
+            seed=config.seed,
+            rank=self.rank,
+            world_size=self.world_size,
         )
         # Meta methods' extra batches: another shuffle of the training set, as Auto-Lambda's
         # official code uses (the validation split stays for model selection alone).
@@ -301,7 +322,12 @@ class Trainer:
         )
         eval_bs = config.eval_batch_size or config.batch_size
         self.eval_loaders = {
-            split: DataLoader(ds, batch_size=eval_bs, shuffle=False, num_workers=config.num_workers)
+            split: DataLoader(
+                self._shard(split, ds),
+                batch_size=eval_bs,
+                shuffle=False,
+                num_workers=config.num_workers,
+            )
             for split, ds in (("val", val), ("test", test))
             if ds is not None
         }
@@ -320,12 +346,34 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.reference: dict[str, float] | None = baselines
         self.latest_val: dict[str, Any] | None = None
+        writes = self._writes and self.out_dir is not None
         self.logger = JsonlLogger(
-            None if self.out_dir is None else self.out_dir / "log.jsonl",
-            self.out_dir / "tb" if (config.tensorboard and self.out_dir) else None,
+            self.out_dir / "log.jsonl" if writes else None,  # type: ignore[operator]
+            self.out_dir / "tb" if (config.tensorboard and writes) else None,  # type: ignore[operator]
         )
 
     # -- helpers -------------------------------------------------------------------------
+    def _shard(self, split: str, dataset: Dataset) -> Dataset:
+        """This rank's consecutive part of an evaluation split (the whole split on one rank)."""
+        if self.world_size == 1:
+            return dataset
+        n = len(dataset)  # type: ignore[arg-type]
+        if n < self.world_size:
+            raise ValueError(
+                f"the {split} split has {n} samples, fewer than the {self.world_size} ranks; "
+                "run on fewer processes"
+            )
+        q, r = divmod(n, self.world_size)
+        start = self.rank * q + min(self.rank, r)
+        return Subset(dataset, range(start, start + q + (self.rank < r)))
+
+    def _backward_term(self, term: Tensor, num_samples: int) -> None:
+        """Backward of a model regulariser or auxiliary loss: reduced over the ranks."""
+        if self.method.sync is not None:
+            reduce_backward(self.method.sync, term, num_samples)
+        else:
+            term.backward(retain_graph=True)
+
     def _check_optimizer_holds(self, params: Iterable[nn.Parameter]) -> None:
         held = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
         missing = [tuple(p.shape) for p in params if p.requires_grad and id(p) not in held]
@@ -433,9 +481,17 @@ class Trainer:
                 return {"losses": meta["losses"], "weights": None, "aux": None}
         if first_micro:
             self.optimizer.zero_grad(set_to_none=True)
+        synced = self.method.sync
+        if synced is not None:
+            # Running statistics (BatchNorm) follow rank 0, as DDP's broadcast_buffers.
+            for buffer in self.model.buffers():
+                synced.comm.broadcast(buffer.data)
+        n_local = _batch_size(inputs)
         features, outputs, task_losses = self._forward_losses(inputs, targets)
         present = self._present(targets)
         ctx = self._context(inputs, targets, outputs, present)
+        if synced is not None:
+            ctx["num_samples"] = n_local
         true_losses = torch.stack(task_losses)
         scale = 1.0
         if self.scaler.is_enabled():
@@ -451,7 +507,7 @@ class Trainer:
             done = self.epoch * len(self.sampler) + self.position
             term = self.model.loss_terms(true_losses, progress=min(done / total, 1.0))
             if term is not None:
-                (term * scale).backward(retain_graph=True)
+                self._backward_term(term * scale, n_local)
         shared = self.shared_params()
         if not any(p.requires_grad for p in shared):
             # Nothing shared to balance (e.g. RCM's frozen filter bank): each task's
@@ -462,7 +518,9 @@ class Trainer:
                     f"{type(self.method).__name__} has nothing to balance; use method 'ew'"
                 )
             weights = getattr(self.method, "task_weights", None)
-            (losses if weights is None else weights.to(losses) * losses).sum().backward()
+            self._backward_term(
+                (losses if weights is None else weights.to(losses) * losses).sum(), n_local
+            )
             result = None
         else:
             result = self.method.backward(
@@ -470,7 +528,7 @@ class Trainer:
             )
         aux = self.model.aux_loss() if hasattr(self.model, "aux_loss") else None
         if aux is not None:
-            (aux * scale).backward()
+            self._backward_term(aux * scale, n_local)
         if last_micro:
             if self.scaler.is_enabled():
                 self.scaler.unscale_(self.optimizer)
@@ -500,9 +558,16 @@ class Trainer:
             if self.method.needs_losses_after_step:
                 with torch.no_grad():
                     _, _, after = self._forward_losses(inputs, targets)
-                self.method.after_step(torch.stack(after))
+                self.method.after_step(torch.stack(after), num_samples=n_local)
+        if result is not None and "global_losses" in result.extras:
+            # Under polytask.distributed: the global batch's losses, the same on every rank.
+            reported = result.extras["global_losses"].detach().to(true_losses.dtype)
+            if "loss_scale" in ctx:
+                reported = reported / ctx["loss_scale"]
+        else:
+            reported = true_losses.detach()
         return {
-            "losses": true_losses.detach(),
+            "losses": reported,
             "weights": None if result is None or result.weights is None else result.weights,
             "aux": None if aux is None else float(aux.detach()),
         }
@@ -572,6 +637,9 @@ class Trainer:
             counts += present * size
             metrics.update({k: v.float() for k, v in outputs.items()}, targets)
         self.model.train(was_training)
+        if self.method.sync is not None:
+            both = self.method.sync.comm.all_reduce(torch.cat([totals, counts]).to(self.device))
+            totals, counts = both.cpu().split(len(self.tasks))
         mean = torch.where(counts > 0, totals / counts.clamp_min(1), torch.nan)
         return {"metrics": metrics.compute(), "losses": mean.tolist()}
 
@@ -586,7 +654,7 @@ class Trainer:
         return -value if self.directions[select] else value
 
     def _checkpoint(self) -> None:
-        if self.out_dir is None:
+        if self.out_dir is None or not self._writes:
             return
         save_checkpoint(
             self.out_dir / "last.pt",
@@ -666,7 +734,7 @@ class Trainer:
             self.logger.log("eval", split="val", epoch=0, step=self.step, **self.latest_val)
         steps_here = 0
         self.model.train()
-        progress = _progress(self.config.progress)
+        progress = _progress(self.config.progress and self._writes)
         try:
             with progress:
                 epochs_bar = progress.add_task(

@@ -1,0 +1,64 @@
+"""Running ``polytask run`` on several processes: launching torchrun, and the process group
+inside each of its workers."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["launch_torchrun", "torchrun_process_group", "without_nproc"]
+
+
+def without_nproc(argv: Sequence[str]) -> list[str]:
+    """``argv`` less its ``--nproc N`` / ``--nproc=N``."""
+    out: list[str] = []
+    skip = False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item == "--nproc":
+            skip = True
+        elif not item.startswith("--nproc="):
+            out.append(item)
+    return out
+
+
+def launch_torchrun(argv: Sequence[str], nproc: int) -> int:
+    """Run ``polytask ARGV`` (less ``--nproc``) as ``nproc`` torchrun workers on this
+    machine; returns torchrun's exit code."""
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "polytask",
+        *without_nproc(argv),
+    ]
+    return subprocess.call(command)
+
+
+@contextlib.contextmanager
+def torchrun_process_group(device: str) -> Iterator[tuple[int, str]]:
+    """Inside a torchrun worker: the process group (NCCL on CUDA, gloo on CPU) and this
+    worker's device (``cuda`` becomes ``cuda:LOCAL_RANK``); yields (rank, device)."""
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if torch.device(device).type == "cuda":
+        if torch.device(device).index is None:
+            device = f"cuda:{local_rank}"
+        torch.cuda.set_device(torch.device(device))
+        backend = "nccl"
+    else:
+        backend = "gloo"
+    dist.init_process_group(backend)
+    try:
+        yield dist.get_rank(), device
+    finally:
+        dist.destroy_process_group()

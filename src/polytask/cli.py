@@ -10,7 +10,10 @@
 * ``polytask run BENCHMARK --method M [--arch A] [--seeds 0 1 2] [--epochs N] [--set k=v]``:
   train and record runs in the results store.
 * ``polytask baselines BENCHMARK``: the single-task baselines Δm is measured against.
-* ``polytask sweep CONFIG.toml [--workers N]``: methods x architectures x seeds on workers.
+* ``polytask sweep CONFIG.toml [--workers N]``: methods x architectures x seeds on workers
+  (``--backend ray [--address ADDR]``: as Ray tasks, on this machine or a cluster).
+* ``polytask tune BENCHMARK --method M --trials N [--space KEY=SPEC]``: search a method's
+  hyper-parameters with Ray Tune and Optuna on the validation selection score.
 * ``polytask report [--store PATH] [--out DIR]``: tables (Markdown, LaTeX, HTML) and plots.
 
 Exit codes: 0 success, 1 a run failed, 2 bad usage or configuration.
@@ -19,6 +22,7 @@ Exit codes: 0 success, 1 a run failed, 2 bad usage or configuration.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -109,6 +113,14 @@ def _add_harness_commands(sub: argparse._SubParsersAction) -> None:
             help="a data option of the benchmark (repeatable), e.g. --data rho=0.9",
         )
         p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
+        p.add_argument(
+            "--nproc",
+            type=_positive_int,
+            default=None,
+            metavar="N",
+            help="train each run on N processes of this machine (launches torchrun; with "
+            "--device cuda, one GPU each); see docs/distributed.md for several machines",
+        )
         p.add_argument("--root", default=None, help="data folder, for data sets read from disk")
         p.add_argument(
             "--store", default="runs/results.sqlite", help="results store (default: %(default)s)"
@@ -153,6 +165,44 @@ def _add_harness_commands(sub: argparse._SubParsersAction) -> None:
     sweep.add_argument("--out", default=None)
     sweep.add_argument("--device", default=None)
     sweep.add_argument("--epochs", type=_positive_int, default=None)
+    sweep.add_argument(
+        "--backend",
+        choices=["local", "ray"],
+        default=None,
+        help="local worker processes, or Ray tasks on this machine or a cluster (needs "
+        "pip install 'polytask[ray]'); default: the file's, else local",
+    )
+    _add_ray_flags(sweep, "job")
+    tune = sub.add_parser(
+        "tune",
+        help="search a method's hyper-parameters with Ray Tune and Optuna (needs polytask[ray])",
+        description="Train TRIALS settings of METHOD's hyper-parameters proposed by Optuna "
+        "(through Ray Tune), each once per seed, and print the best on the validation selection "
+        "score (Δm against the stored single-task baselines by default). Every run is recorded "
+        "in the results store; settings already there are not retrained.",
+    )
+    common(tune)
+    tune.add_argument("--method", required=True, help="see `polytask list methods`")
+    tune.add_argument("--trials", type=_positive_int, required=True, metavar="N")
+    tune.add_argument(
+        "--space",
+        action="append",
+        default=[],
+        metavar="KEY=SPEC",
+        help="a searched hyper-parameter (repeatable): uniform(LOW, HIGH), loguniform(LOW, "
+        "HIGH), int(LOW, HIGH) or choice(V1, V2, ...); default: the method's default space",
+    )
+    tune.add_argument(
+        "--hparam",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a hyper-parameter held fixed in every trial (repeatable)",
+    )
+    tune.add_argument(
+        "--search-seed", type=_seed, default=0, help="the Optuna sampler's seed (default: 0)"
+    )
+    _add_ray_flags(tune, "trial")
     report = sub.add_parser(
         "report",
         help="render tables and plots from the results store",
@@ -162,6 +212,21 @@ def _add_harness_commands(sub: argparse._SubParsersAction) -> None:
     report.add_argument("--store", default="runs/results.sqlite")
     report.add_argument("--out", default="runs/report", help="output folder (default: %(default)s)")
     report.add_argument("--benchmark", action="append", default=None, dest="benchmarks")
+
+
+def _add_ray_flags(parser: argparse.ArgumentParser, unit: str) -> None:
+    parser.add_argument(
+        "--address",
+        default=None,
+        help="the Ray cluster to join ('auto': the one `ray start` began on this machine); "
+        "default: start Ray on this machine",
+    )
+    parser.add_argument(
+        "--num-cpus",
+        type=_positive_float,
+        default=None,
+        help=f"CPUs each Ray {unit} reserves (default: 1)",
+    )
 
 
 def _seed(text: str) -> int:
@@ -303,6 +368,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``polytask`` command; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     console = Console()
     if args.command == "methods":
         return _cmd_methods(console)
@@ -313,6 +379,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "run": _cmd_run,
         "baselines": _cmd_run,
         "sweep": _cmd_sweep,
+        "tune": _cmd_tune,
         "report": _cmd_report,
     }
     if args.command in handlers:
@@ -359,6 +426,23 @@ def _cmd_list(args: argparse.Namespace, console: Console) -> int:
 
 
 def _cmd_run(args: argparse.Namespace, console: Console) -> int:
+    from polytask.train.launch import launch_torchrun, torchrun_process_group
+
+    if args.nproc is not None and args.nproc > 1 and not _under_torchrun():
+        return launch_torchrun(args.argv, args.nproc)
+    if not _under_torchrun():
+        return _cmd_run_here(args, console)
+    with torchrun_process_group(args.device) as (rank, device):
+        args.device = device
+        # Every rank trains; rank 0 alone talks and writes the store.
+        return _cmd_run_here(args, console if rank == 0 else Console(quiet=True))
+
+
+def _under_torchrun() -> bool:
+    return "LOCAL_RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _cmd_run_here(args: argparse.Namespace, console: Console) -> int:
     from polytask.data import benchmark as benchmarks
     from polytask.results.store import ResultsStore
     from polytask.train.runner import STL, RunSetupError, run
@@ -427,13 +511,18 @@ def _cmd_sweep(args: argparse.Namespace, console: Console) -> int:
         "store": args.store,
         "out": args.out,
         "device": args.device,
+        "backend": args.backend,
+        "address": args.address,
+        "num_cpus": args.num_cpus,
     }
     config = load_config(args.config, overrides)
     if args.epochs is not None:
         config.recipe["epochs"] = args.epochs
     console.print(
         f"sweep: {len(config.benchmarks)} benchmark(s) x {len(config.methods)} method(s) x "
-        f"{len(config.seeds)} seed(s) on {config.workers} worker(s); store {config.store}"
+        f"{len(config.seeds)} seed(s) "
+        + ("as Ray tasks" if config.backend == "ray" else f"on {config.workers} worker(s)")
+        + f"; store {config.store}"
     )
 
     def show(label: str, outcome: str) -> None:
@@ -444,6 +533,68 @@ def _cmd_sweep(args: argparse.Namespace, console: Console) -> int:
     failed = sum(outcome.startswith("failed") for _, outcome in results)
     console.print(f"{len(results) - failed} of {len(results)} jobs done or already done")
     return 1 if failed else 0
+
+
+def _cmd_tune(args: argparse.Namespace, console: Console) -> int:
+    from polytask.train.ray_backend import RayNotInstalledError
+    from polytask.train.tune import tune
+
+    if args.nproc is not None and args.nproc > 1:
+        raise ValueError(
+            f"--nproc {args.nproc}: a tune trial trains in one process; give it more threads "
+            "with --num-cpus instead"
+        )
+    overrides = _pairs(args.set, "--set", literal=False)
+    if args.epochs is not None:
+        overrides["epochs"] = args.epochs
+    space = _pairs(args.space, "--space", literal=False)
+    try:
+        result = tune(
+            args.benchmark,
+            method=args.method,
+            trials=args.trials,
+            space=space or None,
+            hparams=_pairs(args.hparam, "--hparam", literal=True),
+            seeds=args.seeds,
+            arch=args.arch,
+            overrides=overrides,
+            data_options=_pairs(args.data, "--data", literal=True),
+            store=args.store,
+            out_dir=args.out,
+            device=args.device,
+            root=args.root,
+            address=args.address,
+            num_cpus=1 if args.num_cpus is None else args.num_cpus,
+            search_seed=args.search_seed,
+            progress=args.progress,
+        )
+    except RayNotInstalledError as exc:
+        Console(stderr=True, soft_wrap=True).print(f"[red]error:[/red] {escape(str(exc))}")
+        return 2
+    table = Table(title=f"{args.method} on {args.benchmark}", caption=f"score: {result.objective}")
+    table.add_column("trial", justify="right")
+    table.add_column("hyper-parameters")
+    table.add_column("score", justify="right")
+    for i, trial in enumerate(result.trials):
+        score = "failed" if trial.score is None else f"{trial.score:.4g}"
+        table.add_row(str(i), escape(_hparams_text(trial.hparams)), score)
+    console.print(table)
+    for trial in result.trials:
+        if trial.error is not None:
+            console.print(f"  [red]failed:[/red] {escape(trial.error)}", highlight=False)
+    console.print(f"results store: {args.store}")
+    if result.best is None:
+        console.print("[red]every trial failed[/red]")
+        return 1
+    console.print(
+        f"best: {escape(_hparams_text(result.best.hparams))}  score {result.best.score:.4g}",
+        highlight=False,
+    )
+    return 0
+
+
+def _hparams_text(hparams: dict[str, object]) -> str:
+    return " ".join(f"{k}={v!r}" for k, v in sorted(hparams.items()))
 
 
 def _cmd_report(args: argparse.Namespace, console: Console) -> int:

@@ -142,14 +142,21 @@ def compare(tag: str, a: Any, b: Any, failures: list[str]) -> None:
         failures.append(f"{tag}: {a!r} vs {b!r}")
 
 
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A plain tensor of an FSDP-sharded one (DTensor), else the tensor."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 def grads(model: nn.Module) -> dict[str, torch.Tensor | None]:
     inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-    return {n: None if p.grad is None else p.grad.clone() for n, p in inner.named_parameters()}
+    return {
+        n: None if p.grad is None else _full(p.grad).clone() for n, p in inner.named_parameters()
+    }
 
 
 def params(model: nn.Module) -> dict[str, torch.Tensor]:
     inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-    return {n: p.detach().clone() for n, p in inner.named_parameters()}
+    return {n: _full(p.detach()).clone() for n, p in inner.named_parameters()}
 
 
 def equivalence(
@@ -176,8 +183,12 @@ def equivalence(
     torch.manual_seed(1000 + rank)  # ranks start from different weights: distribute syncs them
     model = Net()
     if wrap == "ddp":
+        model = nn.parallel.DistributedDataParallel(copy.deepcopy(reference))
+    elif wrap == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
         model = copy.deepcopy(reference)
-        model = nn.parallel.DistributedDataParallel(model)
+        fully_shard(model)
     ref_method = local(polytask.methods.create(name, K, seed=0))
     source = dist.get_rank(group) == 0
     # Other ranks start from other seeds: distribute copies the source rank's state.
@@ -250,6 +261,22 @@ def with_ddp(rank: int, world: int) -> dict[str, Any]:
         for mode in sorted(polytask.methods.get(name).modes):
             finals[f"{name}/{mode}"], _ = equivalence(
                 rank, world, name, mode, wrap="ddp", failures=failures
+            )
+    return {"failures": failures, "params": finals}
+
+
+def with_fsdp(rank: int, world: int) -> dict[str, Any]:
+    """FSDP (fully_shard) reducing: features mode, and the loss weightings."""
+    failures: list[str] = []
+    finals = {}
+    for name in _distributable():
+        cls = polytask.methods.get(name)
+        modes = ["features"] if "features" in cls.modes else []
+        if cls.family == "loss":
+            modes.append("params")
+        for mode in modes:
+            finals[f"{name}/{mode}"], _ = equivalence(
+                rank, world, name, mode, wrap="fsdp", steps=2, failures=failures
             )
     return {"failures": failures, "params": finals}
 
@@ -396,6 +423,15 @@ def misuse(rank: int, world: int) -> dict[str, Any]:
         "ddp_bypassed",
         lambda: step(bypassed.module, features_method, x[rows], y[rows], "features", {}, 4),
     )
+    from torch.distributed.fsdp import fully_shard
+
+    sharded_model = Net()
+    fully_shard(sharded_model)
+    fsdp_method = distribute(polytask.methods.create("pcgrad", K), sharded_model)
+    expect(
+        "fsdp_params",
+        lambda: step(sharded_model, fsdp_method, x[rows], y[rows], "params", {}, 4),
+    )
     partial = distribute(polytask.methods.create("ew", K), plain)
     present = torch.tensor([True, False, True])
     _, outs = plain(x[rows])
@@ -490,6 +526,7 @@ def trainer_resume(rank: int, world: int) -> dict[str, Any]:
 SCENARIOS: dict[str, Callable[[int, int], dict[str, Any]]] = {
     "every_method": every_method,
     "with_ddp": with_ddp,
+    "with_fsdp": with_fsdp,
     "several_steps": several_steps,
     "sharded": sharded,
     "world_of_one": world_of_one,

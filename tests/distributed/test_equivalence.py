@@ -37,6 +37,10 @@ def test_every_method_with_ddp_reducing() -> None:
     _check(launch("with_ddp"))
 
 
+def test_features_mode_and_loss_weightings_with_fsdp_reducing() -> None:
+    _check(launch("with_fsdp"))
+
+
 def test_stateful_and_random_methods_three_sgd_and_adam_steps() -> None:
     _check(launch("several_steps"))
 
@@ -78,7 +82,13 @@ def test_communication_payload_is_the_documented_one() -> None:
     assert logs["pcgrad/params/plain/auto"] == [("all_reduce", 1 + K + h + K * p)]
     # Features mode: K x K with DDP reducing; a plain module adds one all-reduce of the step's
     # gradients.
-    assert logs["mgda/features/ddp/auto"] == [("all_reduce", 1 + K + K * K), ("broadcast", K)]
+    # The first step that DDP reduces adds the one-time check that it did (4 numbers).
+    check = ("all_reduce", 4)
+    assert logs["mgda/features/ddp/auto"] == [
+        ("all_reduce", 1 + K + K * K),
+        ("broadcast", K),
+        check,
+    ]
     assert logs["mgda/features/plain/auto"] == [
         ("all_reduce", 1 + K + K * K),
         ("broadcast", K),
@@ -88,8 +98,9 @@ def test_communication_payload_is_the_documented_one() -> None:
     assert logs["pcgrad/features/ddp/auto"] == [
         ("all_gather", 1),
         ("all_gather", 1 + K + (K + 1) * width),
+        check,
     ]
-    assert logs["uw/params/ddp/auto"] == [("all_reduce", 1 + K)]
+    assert logs["uw/params/ddp/auto"] == [("all_reduce", 1 + K), check]
     assert logs["uw/params/plain/auto"] == [("all_reduce", 1 + K), ("all_reduce", model)]
 
 
@@ -102,3 +113,4 @@ def test_misuse_raises_and_says_what_to_do() -> None:
     assert "update_weights_every=1" in messages["nash_reuse"]
     assert "every task" in messages["partial"]
     assert "did not go through the DDP module" in messages["ddp_bypassed"]
+    assert "use mode='features' with FSDP" in messages["fsdp_params"]

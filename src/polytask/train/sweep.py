@@ -16,6 +16,10 @@ The configuration file::
     out = "runs"                        # checkpoints and logs, one folder per run
     workers = 2
     device = "cpu"
+    backend = "local"                   # or "ray": every job a Ray task (polytask[ray])
+    address = "auto"                    # ray: join this cluster (left out: start Ray here)
+    num_cpus = 1                        # ray: CPUs reserved per job
+    num_gpus = 1                        # ray: GPUs per job (default 1 with a cuda device)
 
     [recipe]                            # overrides of the benchmark's recipe
     epochs = 3
@@ -60,6 +64,10 @@ class SweepConfig:
     workers: int = 1
     device: str = "cpu"
     root: str | None = None
+    backend: str = "local"
+    address: str | None = None
+    num_cpus: float = 1
+    num_gpus: float | None = None
     recipe: dict[str, Any] = field(default_factory=dict)
     hparams: dict[str, dict[str, Any]] = field(default_factory=dict)
     data: dict[str, Any] = field(default_factory=dict)
@@ -77,6 +85,10 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "workers": (int,),
     "device": (str,),
     "root": (str,),
+    "backend": (str,),
+    "address": (str,),
+    "num_cpus": (int, float),
+    "num_gpus": (int, float),
     "recipe": (dict,),
     "hparams": (dict,),
     "data": (dict,),
@@ -85,6 +97,27 @@ _TYPES: dict[str, tuple[type, ...]] = {
 
 def _fail(where: str, message: str) -> ConfigError:
     return ConfigError(f"{where}: {message}")
+
+
+_BACKENDS = ("local", "ray")
+
+
+def _check_backend(raw: Mapping[str, Any], where: str) -> None:
+    backend = raw.get("backend", "local")
+    if backend not in _BACKENDS:
+        raise _fail(where, f"backend {backend!r} is unknown; backends: {list(_BACKENDS)}")
+    ray_only = [key for key in ("address", "num_cpus", "num_gpus") if key in raw]
+    if backend == "local":
+        if ray_only:
+            raise _fail(where, f"{ray_only} only apply to backend 'ray'; this sweep's is 'local'")
+        return
+    from polytask.train.ray_backend import resources_problem
+
+    problem = resources_problem(
+        raw.get("device", "cpu"), raw.get("num_cpus", 1), raw.get("num_gpus")
+    )
+    if problem is not None:
+        raise _fail(where, problem)
 
 
 def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> SweepConfig:
@@ -136,6 +169,7 @@ def parse_config(raw: Mapping[str, Any], where: str = "config") -> SweepConfig:
             raise _fail(where, f"seeds must be non-negative integers, got {seed!r}")
     if raw.get("workers", 1) < 1:
         raise _fail(where, f"workers must be at least 1, got {raw['workers']}")
+    _check_backend(raw, where)
     hparams = raw.get("hparams", {})
     for method, values in hparams.items():
         if method not in raw["methods"]:
@@ -170,6 +204,10 @@ def parse_config(raw: Mapping[str, Any], where: str = "config") -> SweepConfig:
         workers=raw.get("workers", 1),
         device=raw.get("device", "cpu"),
         root=raw.get("root"),
+        backend=raw.get("backend", "local"),
+        address=raw.get("address"),
+        num_cpus=raw.get("num_cpus", 1),
+        num_gpus=raw.get("num_gpus"),
         recipe=dict(raw.get("recipe", {})),
         hparams={k: dict(v) for k, v in hparams.items()},
         data=dict(raw.get("data", {})),
@@ -239,12 +277,17 @@ def _run_job(args: tuple[Job, SweepConfig]) -> tuple[str, str]:
 
 
 def run_sweep(config: SweepConfig, *, on_result: Any = None) -> list[tuple[str, str]]:
-    """Run the sweep's baselines, then its multi-task runs, on ``config.workers`` processes.
+    """Run the sweep's baselines, then its multi-task runs, on ``config.workers`` processes
+    (or as Ray tasks with ``config.backend == "ray"``: :mod:`polytask.train.ray_backend`).
 
     Returns (run label, outcome) for every job; ``on_result`` is called with each as it ends.
     """
     from polytask.results.store import ResultsStore
 
+    if config.backend == "ray":
+        from polytask.train import ray_backend
+
+        return ray_backend.run_sweep(config, on_result=on_result)
     ResultsStore(config.store).mark_stale()
     results: list[tuple[str, str]] = []
     for phase in jobs(config):

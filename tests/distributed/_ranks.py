@@ -217,6 +217,7 @@ def equivalence(
         else:
             res, _ = step(model, method, x[rows], y[rows], mode, ctx, n)
         compare(f"{tag} step {i} weights", res_ref.weights, res.weights, failures)
+        compare(f"{tag} step {i} gramian", res_ref.gramian, res.gramian, failures)
         compare(f"{tag} step {i} grads", grads(reference), grads(model), failures)
         compare(
             f"{tag} step {i} method grads",

@@ -348,7 +348,8 @@ def _params_backward(
                 method, g, true_losses, param_sizes=sizes, mode="params", features=None, **ctx
             )
             direction = w.to(jac) @ jac
-            weights, hw, extras = w, method._head_weights(w), {"gramian": g}
+            weights, hw = w, method._head_weights(w)
+            extras = {"gramian": g, **method._weight_extras()}
         else:
             result = method._aggregate(
                 jac, losses=true_losses, param_sizes=sizes, mode="params", features=None, **ctx
@@ -385,7 +386,8 @@ def _params_backward(
             method, g, true_losses, param_sizes=sizes, mode="params", features=None, **ctx
         )
         direction = comm.all_gather((w.to(mine) @ mine).contiguous())[:p_total]
-        weights, hw, extras = w, method._head_weights(w), {"gramian": g}
+        weights, hw = w, method._head_weights(w)
+        extras = {"gramian": g, **method._weight_extras()}
     if not bool(torch.isfinite(direction).all()):
         raise DistributedError(
             f"{type(method).__name__} produced a non-finite update from finite reduced "
@@ -452,7 +454,8 @@ def _features_backward(
             features=features,
             **ctx,
         )
-        weights, hw, extras, direction = w, method._head_weights(w), {"gramian": g}, None
+        weights, hw, direction = w, method._head_weights(w), None
+        extras = {"gramian": g, **method._weight_extras()}
     else:
         jac = method.engine(losses, [features])
         dtype = jac.dtype

@@ -870,7 +870,7 @@ class GramianMethod(GradientMethod):
         return BackwardResult(
             weights=w,
             gramian=g,
-            extras={"jacobian_norms": g.diagonal().clamp_min(0).sqrt()},
+            extras={"jacobian_norms": g.diagonal().clamp_min(0).sqrt(), **self._weight_extras()},
             head_weights=None if head_w is None else head_w.detach(),
         )
 
@@ -883,9 +883,13 @@ class GramianMethod(GradientMethod):
         return AggregationResult(
             direction=direction,
             weights=w,
-            extras={"gramian": g},
+            extras={"gramian": g, **self._weight_extras()},
             head_weights=self._head_weights(w),
         )
+
+    def _weight_extras(self) -> dict[str, Any]:
+        """Diagnostics of the last :meth:`_weights` call, for ``BackwardResult.extras``."""
+        return {}
 
     def _head_weights(self, weights: Tensor) -> Tensor | None:
         """Factors for the task-specific gradients where the paper's differ from ``weights``."""

@@ -9,11 +9,9 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from polytask.autograd import gramian as compute_gramian
 from polytask.autograd import leaves_reached
 from polytask.errors import InvalidHyperparameterError
 from polytask.methods.base import (
-    AggregationResult,
     BackwardResult,
     GramianMethod,
     Mode,
@@ -115,6 +113,8 @@ class NashMTL(GramianMethod):
         self.normalize_gramian = normalize_gramian
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self.register_buffer("last_weights", torch.ones(num_tasks, dtype=torch.float64))
+        #: (unclipped weights, clipping factor) of the last solve.
+        self._last: tuple[Tensor, float] = (torch.ones(num_tasks, dtype=torch.float64), 1.0)
 
     def _clip_factor(self, norm: Tensor | float) -> float:
         norm = float(norm)
@@ -137,18 +137,18 @@ class NashMTL(GramianMethod):
 
     def _weights(self, gramian: Tensor, losses: Tensor | None = None, **ctx: Any) -> Tensor:
         a, c = self._nash(gramian)
+        # Kept for the heads (updated with the unclipped weights, as the official code) and
+        # the diagnostics of this step.
+        self._last = (a.to(gramian.dtype), c)
         return (c * a).to(gramian.dtype)
 
-    def _aggregate(
-        self, jacobian: Tensor, losses: Tensor | None = None, **ctx: Any
-    ) -> AggregationResult:
-        g = compute_gramian(jacobian)
-        a, c = self._nash(g)
-        w = (c * a).to(jacobian.dtype)
-        extras = {"gramian": g, "nash_weights": a.to(jacobian.dtype), "clip_coef": c}
-        return AggregationResult(
-            direction=w @ jacobian, weights=w, extras=extras, head_weights=a.to(jacobian.dtype)
-        )
+    def _head_weights(self, weights: Tensor) -> Tensor | None:
+        a, c = self._last
+        return None if c == 1.0 else a.to(weights)
+
+    def _weight_extras(self) -> dict[str, Any]:
+        a, c = self._last
+        return {"nash_weights": a, "clip_coef": c}
 
     def backward(  # type: ignore[override]
         self,

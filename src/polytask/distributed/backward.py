@@ -303,7 +303,7 @@ def gradient_backward(
 def _params_backward(
     method: GradientMethod, losses: Tensor, shared: list[Tensor], ctx: dict[str, Any]
 ) -> BackwardResult:
-    from polytask.methods.base import BackwardResult, _check_finite_rows, _skip_step
+    from polytask.methods.base import _check_finite_rows, _skip_step
 
     sync = method.sync
     assert sync is not None
@@ -398,17 +398,8 @@ def _params_backward(
     )
     heads.accumulate(head_grads, head_weights)
     accumulate_grads(shared, direction if scale is None else direction * scale)
-    g = extras.pop("gramian", None)
-    extras["jacobian_norms"] = (
-        g.diagonal().clamp_min(0).sqrt() if isinstance(g, Tensor) else jac.norm(dim=1)
-    ).detach()
-    extras["global_losses"] = global_losses.detach()
-    return BackwardResult(
-        weights=None if weights is None else weights.detach(),
-        gramian=g,
-        extras=extras,
-        head_weights=None if hw is None else hw.detach(),
-    )
+    norms = None if isinstance(extras.get("gramian"), Tensor) else jac.norm(dim=1)
+    return _result(weights, hw, extras, norms, global_losses)
 
 
 def _features_backward(
@@ -418,7 +409,7 @@ def _features_backward(
     features: Tensor,
     ctx: dict[str, Any],
 ) -> BackwardResult:
-    from polytask.methods.base import BackwardResult, _check_finite_rows, _skip_step
+    from polytask.methods.base import _check_finite_rows, _skip_step
 
     sync = method.sync
     assert sync is not None
@@ -512,7 +503,6 @@ def _features_backward(
         if wrapper:
             direction = direction * world
         weights, hw, extras = result.weights, result.head_weights, dict(result.extras)
-        g = extras.get("gramian")
         extras.setdefault("gramian", None)
         extras["_jac_norms"] = jac_all.norm(dim=1)
     c = n / float(total_n) * (world if wrapper else 1)
@@ -565,15 +555,29 @@ def _features_backward(
                 ]
             )
         _sum_and_accumulate(sync, leaves, grads)
-    norms = extras.pop("_jac_norms", None)
+    return _result(weights, hw, extras, extras.pop("_jac_norms", None), global_losses)
+
+
+def _result(
+    weights: Tensor | None,
+    head_weights: Tensor | None,
+    extras: dict[str, Any],
+    norms: Tensor | None,
+    global_losses: Tensor,
+) -> BackwardResult:
+    """The step's :class:`BackwardResult`, with the task gradients' norms (from the Gramian
+    where there is one, else ``norms``) and the global losses among the extras."""
+    from polytask.methods.base import BackwardResult
+
     g = extras.pop("gramian", None)
-    extras["jacobian_norms"] = (
-        g.diagonal().clamp_min(0).sqrt() if isinstance(g, Tensor) else norms
-    ).detach()
+    if isinstance(g, Tensor):
+        norms = g.diagonal().clamp_min(0).sqrt()
+    assert norms is not None
+    extras["jacobian_norms"] = norms.detach()
     extras["global_losses"] = global_losses.detach()
     return BackwardResult(
         weights=None if weights is None else weights.detach(),
         gramian=g,
         extras=extras,
-        head_weights=None if hw is None else hw.detach(),
+        head_weights=None if head_weights is None else head_weights.detach(),
     )

@@ -53,6 +53,7 @@ def test_usage_errors_exit_2(tmp_path, capsys):
     assert main(["run", "synthetic_mmoe", "--method", "ew", "--set", "epochs=two", *store]) == 2
     assert "expects int" in capsys.readouterr().err
     assert main(["run", "nope", "--method", "ew", *store]) == 2
+    assert main(["run", "synthetic_mmoe", "--method", "ew", "--data", "rhoo=0.5", *store]) == 2
     # Δm selection needs the single-task baselines first; nothing is trained or stored.
     assert main(["run", "synthetic_mmoe", "--method", "ew", *store]) == 2
     assert "polytask baselines synthetic_mmoe" in capsys.readouterr().err

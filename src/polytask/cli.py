@@ -454,6 +454,7 @@ def _cmd_run_here(args: argparse.Namespace, console: Console) -> int:
         overrides["epochs"] = args.epochs
     bench.recipe.override(overrides)  # fail before any training on a bad key or value
     data = _pairs(args.data, "--data", literal=True)
+    bench.check_options(data)  # before any training, as the recipe
     store = ResultsStore(args.store)
     if args.command == "baselines":
         jobs = [(STL, seed, {}, [t]) for t in bench.tasks().names for seed in args.seeds]

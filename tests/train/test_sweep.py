@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 from polytask.results.store import ResultsStore, RunSpec
-from polytask.train.sweep import Job, SweepConfig, _run_pool
+from polytask.train.sweep import ConfigError, Job, SweepConfig, _run_pool, parse_config
 
 
 def _job(item):
@@ -26,3 +28,29 @@ def test_a_dead_worker_fails_only_its_job(tmp_path):
     assert outcomes == {"seed 0": "done", "seed 2": "done", "seed 3": "done"}
     statuses = {r.seed: r.status for r in ResultsStore(config.store).runs()}
     assert statuses == {0: "finished", 1: "interrupted", 2: "finished", 3: "finished"}
+
+
+def test_unknown_data_option_is_a_config_error_before_anything_runs() -> None:
+    raw = {"benchmark": "synthetic_mmoe", "methods": ["ew"], "seeds": [0], "data": {"rhoo": 0.5}}
+    with pytest.raises(ConfigError, match=r"\[data\].*'rhoo'.*accepts \['data_seed', 'rho'\]"):
+        parse_config(raw)
+    assert parse_config({**raw, "data": {"rho": 0.5}}).data == {"rho": 0.5}
+
+
+def test_every_benchmark_declares_the_options_its_loader_takes() -> None:
+    import inspect
+
+    from polytask.data import benchmark as benchmarks
+
+    for name in benchmarks.available():
+        bench = benchmarks.get(name)
+        for option in bench.options:
+            assert option not in ("root", "seed"), (name, option)
+        params = inspect.signature(bench.load).parameters
+        explicit = [
+            n
+            for n, p in params.items()
+            if n not in ("seed", "root") and p.kind is p.POSITIONAL_OR_KEYWORD
+        ]
+        # An explicit keyword of the loader is a declared option.
+        assert set(explicit) <= set(bench.options), (name, explicit, bench.options)

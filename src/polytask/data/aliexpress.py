@@ -60,7 +60,7 @@ from torch.utils.data import Dataset
 
 from polytask.archs.base import MultiTaskModel
 from polytask.data._files import check_root, holdout, require
-from polytask.data.benchmark import Benchmark, Recipe, register
+from polytask.data.benchmark import Benchmark, Recipe, options_of, register
 from polytask.errors import DataFormatError
 from polytask.tasks import Task, TaskSet, losses, metrics
 
@@ -345,6 +345,7 @@ BENCHMARK = register(
         ),
         tasks=tasks,
         load=_load,
+        options=options_of(load_aliexpress),
         model=lambda arch, names: model(arch, names),
         archs=ARCHS,
         recipe=Recipe(epochs=50, batch_size=2048, optimizer="adam", lr=1e-3, weight_decay=1e-6),

@@ -9,6 +9,7 @@ paper that defined the setting (:class:`Recipe`). Benchmarks register by name in
 from __future__ import annotations
 
 import importlib
+import inspect
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
@@ -180,6 +181,8 @@ class Benchmark:
         archs: architecture names ``model`` accepts; the first is the default.
         recipe: the standard training recipe.
         needs_root: whether the data must be on disk (``--root``), or ships with a package.
+        options: the data options ``load`` accepts (``polytask run --data KEY=VALUE``, a
+            sweep's ``[data]`` table), checked before anything trains.
     """
 
     name: str
@@ -191,6 +194,14 @@ class Benchmark:
     archs: tuple[str, ...]
     recipe: Recipe = field(default_factory=Recipe)
     needs_root: bool = False
+    options: tuple[str, ...] = ()
+
+    def check_options(self, options: Mapping[str, Any]) -> None:
+        """Raise a ``ValueError`` naming any data option that ``load`` does not accept."""
+        unknown = sorted(set(options) - set(self.options))
+        if unknown:
+            accepts = sorted(self.options) or "none"
+            raise ValueError(f"unknown {self.name} data option(s) {unknown}; it accepts {accepts}")
 
     def check_arch(self, arch: str | None) -> str:
         if arch is None:
@@ -229,6 +240,16 @@ def _load_all() -> None:
         for module in _MODULES:
             importlib.import_module(module)
         _loaded = True
+
+
+def options_of(loader: Callable[..., Any], *, exclude: Sequence[str] = ()) -> tuple[str, ...]:
+    """The keyword options of a data loader function (not ``root``, ``seed`` or ``exclude``)."""
+    skip = {"root", "seed", *exclude}
+    return tuple(
+        name
+        for name, p in inspect.signature(loader).parameters.items()
+        if name not in skip and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    )
 
 
 def register(benchmark: Benchmark) -> Benchmark:

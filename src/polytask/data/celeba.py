@@ -39,7 +39,7 @@ from torch.utils.data import Dataset
 
 from polytask.data._files import check_root
 from polytask.data._images import read_image
-from polytask.data.benchmark import Benchmark, Recipe, register
+from polytask.data.benchmark import Benchmark, Recipe, options_of, register
 from polytask.errors import DataFormatError, DataNotFoundError
 from polytask.tasks import Task, TaskSet, losses, metrics
 
@@ -289,6 +289,7 @@ BENCHMARK = register(
         ),
         tasks=tasks,
         load=_load,
+        options=options_of(load_celeba),
         model=model,
         archs=("cnn",),
         recipe=Recipe(epochs=15, batch_size=256, optimizer="adam", lr=3e-4, weight_decay=0.0),

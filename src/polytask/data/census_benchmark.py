@@ -91,6 +91,7 @@ BENCHMARK = register(
         ),
         tasks=tasks,
         load=load,
+        options=("data_seed", "max_rows"),
         model=model,
         archs=("shared_bottom", "mmoe", "omoe", "ple"),
         recipe=Recipe(epochs=15, batch_size=1024, optimizer="adam", lr=2e-3),

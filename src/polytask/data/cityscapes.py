@@ -39,7 +39,7 @@ from torch.utils.data import Dataset
 from polytask.data._dense_models import dense_model
 from polytask.data._files import check_flag, check_root, holdout
 from polytask.data._npy_scenes import NpyScenes, scene_count
-from polytask.data.benchmark import Benchmark, Recipe, register
+from polytask.data.benchmark import Benchmark, Recipe, options_of, register
 from polytask.errors import DataNotFoundError
 from polytask.tasks import Task, TaskSet, losses, metrics
 
@@ -162,6 +162,7 @@ BENCHMARK = register(
         ),
         tasks=tasks,
         load=_load,
+        options=options_of(load_cityscapes),
         model=model,
         archs=("deeplab", "segnet"),
         recipe=Recipe(
@@ -189,6 +190,7 @@ BENCHMARK_SEGNET = register(
         ),
         tasks=tasks,
         load=_load_augmented,
+        options=options_of(load_cityscapes),
         model=model,
         archs=("segnet",),
         recipe=Recipe(

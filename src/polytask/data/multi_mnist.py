@@ -176,6 +176,7 @@ BENCHMARK = register(
         ),
         tasks=tasks,
         load=load,
+        options=("pairs", "subset"),
         model=model,
         archs=("hard_sharing",),
         # The authors' settings (isl-org/MultiObjectiveOptimization issue #14, and

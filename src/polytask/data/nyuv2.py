@@ -45,7 +45,7 @@ from torch.utils.data import Dataset
 from polytask.data._dense_models import dense_model
 from polytask.data._files import check_flag, check_root, holdout
 from polytask.data._npy_scenes import NpyScenes, scene_count
-from polytask.data.benchmark import Benchmark, Recipe, register
+from polytask.data.benchmark import Benchmark, Recipe, options_of, register
 from polytask.tasks import Task, TaskSet, losses, metrics
 
 __all__ = ["NUM_CLASSES", "SIZE", "SOURCE", "TASKS", "load_nyuv2", "model", "tasks"]
@@ -142,6 +142,7 @@ BENCHMARK = register(
         ),
         tasks=tasks,
         load=_load,
+        options=options_of(load_nyuv2),
         model=model,
         archs=("deeplab", "segnet"),
         recipe=Recipe(
@@ -170,6 +171,7 @@ BENCHMARK_SEGNET = register(
         ),
         tasks=tasks,
         load=_load_augmented,
+        options=options_of(load_nyuv2),
         model=model,
         archs=("segnet",),
         recipe=Recipe(

@@ -57,7 +57,7 @@ from torch.utils.data import Dataset
 
 from polytask.data._files import check_root, require
 from polytask.data._images import IMAGENET_MEAN, IMAGENET_STD, read_image
-from polytask.data.benchmark import Benchmark, Recipe, register
+from polytask.data.benchmark import Benchmark, Recipe, options_of, register
 from polytask.errors import DataFormatError, DataNotFoundError
 from polytask.tasks import Task, TaskSet, losses, metrics
 
@@ -345,6 +345,7 @@ def _benchmark(name: str, dataset: str, summary: str) -> Benchmark:
             ),
             tasks=lambda: tasks(dataset),
             load=load,
+            options=options_of(load_office, exclude=("dataset",)),
             model=build,
             archs=("hard_sharing",),
             recipe=Recipe(

@@ -98,7 +98,7 @@ from torch.utils.data import Dataset
 from polytask.data._dense_models import dense_model
 from polytask.data._files import check_flag, check_root, holdout, require
 from polytask.data._images import IMAGENET_MEAN, IMAGENET_STD
-from polytask.data.benchmark import Benchmark, Recipe, register
+from polytask.data.benchmark import Benchmark, Recipe, options_of, register
 from polytask.errors import DataFormatError
 from polytask.tasks import Task, TaskSet, dense, losses, metrics
 
@@ -610,6 +610,7 @@ BENCHMARK = register(
         ),
         tasks=tasks,
         load=_load,
+        options=options_of(load_pascal_context),
         model=model,
         archs=("deeplab",),
         # configs/pascal/resnet18/multi_task_baseline.yml: Adam lr 1e-4, weight decay 1e-4,

@@ -346,6 +346,7 @@ BENCHMARK = register(
         ),
         tasks=tasks,
         load=load,
+        options=("subset",),
         model=model,
         archs=("hard_sharing",),
         # Nash-MTL's quantum_chemistry/trainer.py: Adam, lr 1e-3, batch 120, 300 epochs,

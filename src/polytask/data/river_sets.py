@@ -277,6 +277,7 @@ def _register(name: str, summary: str, source: str, batch_size: int) -> Benchmar
             source=source,
             tasks=functools.partial(tasks, name),
             load=functools.partial(load, name),
+            options=("subset",),
             model=functools.partial(model, name),
             archs=("shared_bottom", "mmoe"),
             recipe=Recipe(epochs=100, batch_size=batch_size, optimizer="adam", lr=1e-3),

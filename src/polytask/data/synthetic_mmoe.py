@@ -129,6 +129,7 @@ BENCHMARK = register(
         ),
         tasks=tasks,
         load=load,
+        options=("rho", "data_seed"),
         model=model,
         archs=("shared_bottom", "mmoe", "omoe"),
         recipe=Recipe(epochs=5, batch_size=128, optimizer="adam", lr=1e-3, select="delta_m"),

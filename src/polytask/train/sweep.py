@@ -193,6 +193,10 @@ def parse_config(raw: Mapping[str, Any], where: str = "config") -> SweepConfig:
                 bench.check_arch(arch)
             except ValueError as exc:
                 raise _fail(where, f"archs: {exc}") from None
+        try:
+            bench.check_options(raw.get("data", {}))
+        except ValueError as exc:
+            raise _fail(where, f"[data]: {exc}") from None
     return SweepConfig(
         benchmarks=names,
         methods=list(raw["methods"]),

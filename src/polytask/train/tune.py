@@ -218,6 +218,7 @@ def tune(
     arch = bench.check_arch(arch)
     overrides, data_options = dict(overrides or {}), dict(data_options or {})
     recipe = bench.recipe.override(overrides)
+    bench.check_options(data_options)
     polytask.methods.get(method)
     if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
         raise TuneError(f"trials={trials!r} must be a positive integer")

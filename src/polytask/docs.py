@@ -28,9 +28,12 @@ def methods_markdown() -> str:
         "from G = J J^T, update = weights @ J; *jacobian* = needs the task gradients themselves.",
         "*partial steps*: whether `backward(..., present=mask)` accepts a step that holds only "
         "some tasks (multi-input MTL, missing labels).",
+        "*distributed*: whether `polytask.distributed.distribute` makes it balance the global "
+        "batch of several processes (docs/distributed.md).",
         "",
-        "| name | family | modes | summary | paper | needs | partial steps | claimed properties |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| name | family | modes | summary | paper | needs | partial steps | distributed "
+        "| claimed properties |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, cls in polytask.methods.METHODS.items():
         needs = [", ".join(sorted(cls.needs)) or "losses"]
@@ -43,9 +46,10 @@ def methods_markdown() -> str:
         props = ", ".join(sorted(cls.properties)) or "—"
         modes = ", ".join(sorted(cls.modes))
         partial = "yes" if cls.partial_tasks else "no"
+        distributed = "no" if cls.needs_meta_step or not cls.distributable else "yes"
         lines.append(
             f"| `{name}` | {cls.family} | {modes} | {_summary(cls)} | {cls.paper} | "
-            f"{'; '.join(needs)} | {partial} | {props} |"
+            f"{'; '.join(needs)} | {partial} | {distributed} | {props} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -65,7 +65,9 @@ def test_uneven_shards_without_counts_differ() -> None:
 def test_communication_payload_is_the_documented_one() -> None:
     logs = launch("payloads")[0]["payloads"]
     p = 5 * 4 + 4 + 4 * 3 + 3  # encoder parameters
-    h = K * (3 + 1) + (3 + 1) * 2  # heads, and `joint` once per each of its two tasks
+    # The task-specific parameters (heads and `joint`: 8 tensors, 16 entries): a reached flag
+    # per tensor and one row of 16 per task.
+    h = 8 + K * (K * (3 + 1) + 3 + 1)
     # Every parameter of the model, after one reached-flag per parameter tensor (12).
     model = 12 + p + K * 4 + 4
     assert logs["mgda/params/plain/full"] == [

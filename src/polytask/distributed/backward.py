@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from polytask.autograd import accumulate_grads, gramian, leaves_reached, task_edges
+from polytask.autograd import accumulate_grads, gramian, leaves_reached
 from polytask.errors import DistributedError
 
 if TYPE_CHECKING:
@@ -131,6 +131,65 @@ def _merge(pairs: list[tuple[list[Tensor], list]]) -> tuple[list[Tensor], list]:
     return order, [total[id(leaf)] for leaf in order]
 
 
+def _agree_on_context(sync: DistributedSync, ctx: dict[str, Any], like: Tensor) -> None:
+    """Per-task context computed by each rank (KPIs, validation losses) becomes rank 0's, so
+    that every rank's method sees the same objective."""
+    for key in ("kpis", "val_losses"):
+        value = ctx.get(key)
+        if isinstance(value, Tensor):
+            agreed = sync.comm.broadcast(value.detach().to(like.device, torch.float64).clone())
+            ctx[key] = agreed.to(value.device, value.dtype)
+
+
+def _run_parts(
+    sync: DistributedSync,
+    method: Any,
+    parts: list[tuple[list[Tensor], list[Tensor], list[Tensor]]],
+    wrapper: bool,
+) -> None:
+    """The step's backward passes ``(outputs, cotangents, leaves)``, reduced over the ranks.
+
+    The cotangents carry this rank's share (n_r / N, times R where the wrapper averages). The
+    method's own parameters see only global values (the same gradient on every rank) and are
+    not reduced. With a wrapper (DDP, FSDP), the parameters it holds get an ordinary
+    backward that it reduces; under DDP any other parameter the losses reach (a loss
+    module's) is summed over the ranks by polytask (under FSDP every parameter the losses
+    reach must be in the FSDP module). Without one, polytask sums every gradient in one
+    all-reduce.
+    """
+    own = {id(p) for p in method.parameters()}
+    # DDP's graph reaches the module's own parameters, so the others can be told apart.
+    # FSDP's reaches unsharded copies of its parameters: every leaf is taken as FSDP's.
+    ddp = wrapper and sync.wrapper == "ddp"
+    held = own | ({id(p) for p in sync.model.parameters()} if ddp else set())  # type: ignore[union-attr]
+    world = sync.comm.world_size
+    pairs = []
+    for outputs, cotangents, leaves in parts:
+        if wrapper:
+            inside = [p for p in leaves if id(p) in held] if ddp else leaves
+            outside = [p for p in leaves if id(p) not in held] if ddp else []
+            if outside:
+                grads = _grads(outputs, cotangents, outside)
+                pairs.append((outside, [None if g is None else g / world for g in grads]))
+            if inside:
+                torch.autograd.backward(
+                    outputs, grad_tensors=cotangents, inputs=inside, retain_graph=True
+                )
+            continue
+        model_leaves = [p for p in leaves if id(p) not in own]
+        method_leaves = [p for p in leaves if id(p) in own]
+        grads = _grads(outputs, cotangents, model_leaves + method_leaves)
+        pairs.append((model_leaves, grads[: len(model_leaves)]))
+        for p, g in zip(method_leaves, grads[len(model_leaves) :]):
+            if g is not None:
+                p.grad = g.clone() if p.grad is None else p.grad.add_(g)
+    if pairs:
+        leaves, grads = _merge(pairs)
+        _sum_and_accumulate(sync, leaves, grads)
+    if wrapper:
+        sync.verify_wrapper_reduced()
+
+
 # -- loss weightings -------------------------------------------------------------------------
 def loss_backward(
     method: LossMethod,
@@ -150,6 +209,7 @@ def loss_backward(
     scale = ctx.pop("loss_scale", None)
     n = _count(ctx)
     comm = sync.comm
+    _agree_on_context(sync, ctx, losses)
     payload = torch.cat([losses.detach().new_tensor([n]), n * losses.detach()])
     comm.all_reduce(payload)
     global_losses = payload[1:] / payload[0]
@@ -162,111 +222,64 @@ def loss_backward(
     total, weights = method.objective(used if scale is None else used / scale, **ctx)
     if scale is not None:
         total = total * scale
-    own = {id(p) for p in method.parameters()}
     if shared is None:
-        parts = [([total], None, leaves_reached([total]))]
+        parts = [([total], [torch.ones_like(total)], leaves_reached([total]))]
     else:
         task_leaves = leaves_reached([losses], exclude=shared)
-        parts = [([total], None, shared), ([used.sum()], None, task_leaves)]
-    if wrapper:
-        for i, (outputs, _, inputs) in enumerate(parts):
-            if inputs:
-                torch.autograd.backward(outputs, inputs=inputs, retain_graph=i < len(parts) - 1)
-        sync.verify_wrapper_reduced()
-        return BackwardResult(weights=weights.detach(), extras={"global_losses": global_losses})
-    pairs = []
-    for outputs, _, inputs in parts:
-        model_leaves = [p for p in inputs if id(p) not in own]
-        method_leaves = [p for p in inputs if id(p) in own]
-        grads = _grads(outputs, [torch.ones_like(o) for o in outputs], model_leaves + method_leaves)
-        pairs.append((model_leaves, grads[: len(model_leaves)]))
-        for p, g in zip(method_leaves, grads[len(model_leaves) :]):
-            if g is not None:
-                p.grad = g.clone() if p.grad is None else p.grad.add_(g)
-    leaves, grads = _merge(pairs)
-    _sum_and_accumulate(sync, leaves, grads)
+        head_total = used.sum()
+        parts = [
+            ([total], [torch.ones_like(total)], shared),
+            ([head_total], [torch.ones_like(head_total)], task_leaves),
+        ]
+    _run_parts(sync, method, parts, wrapper)
     return BackwardResult(weights=weights.detach(), extras={"global_losses": global_losses})
 
 
 # -- gradient methods ------------------------------------------------------------------------
-def _task_owners(losses: Tensor, task_leaves: list[Tensor], shared: list[Tensor]) -> list[list]:
-    """For each of ``task_leaves``, the tasks whose loss reaches it (from the graph, so the
-    same on every rank)."""
-    k = losses.shape[0]
-    edges = task_edges(losses)
-    if edges is None:
-        return [list(range(k)) for _ in task_leaves]
-    wanted = {id(p): i for i, p in enumerate(task_leaves)}
-    owners: list[list[int]] = [[] for _ in task_leaves]
-    for task, edge in enumerate(edges):
-        if edge is None:
-            continue
-        for leaf in _leaves_below(edge.node, shared):
-            i = wanted.get(id(leaf))
-            if i is not None:
-                owners[i].append(task)
-    return owners
-
-
-def _leaves_below(node: Any, exclude: list[Tensor]) -> list[Tensor]:
-    excluded = {id(t) for t in exclude}
-    found, seen, stack = [], set(), [node]
-    while stack:
-        current = stack.pop()
-        if current in seen:
-            continue
-        seen.add(current)
-        variable = getattr(current, "variable", None)
-        if variable is not None:
-            if id(variable) not in excluded:
-                found.append(variable)
-            continue
-        stack.extend(child for child, _ in current.next_functions if child is not None)
-    return found
-
-
 class _TaskGrads:
-    """This rank's gradients of the task-specific parameters, kept per owning task so that
-    they can be summed over ranks before the method's weights are known."""
+    """This rank's gradient of every task's loss w.r.t. the task-specific parameters (those
+    the losses reach outside ``shared_params``), K rows, with a reached flag per parameter.
 
-    def __init__(self, losses: Tensor, shared: list[Tensor]) -> None:
-        self.leaves = leaves_reached([losses], exclude=shared)
-        owners = _task_owners(losses, self.leaves, shared)
-        self.single = [(p, o[0]) for p, o in zip(self.leaves, owners) if len(o) == 1]
-        self.multi = [(p, o) for p, o in zip(self.leaves, owners) if len(o) > 1]
-        flat: list[Tensor] = []
-        if self.single:
-            # Each of these leaves is read by one task: one backward of the sum gives each
-            # its own task's gradient.
-            params = [p for p, _ in self.single]
-            grads = torch.autograd.grad(losses.sum(), params, retain_graph=True, allow_unused=True)
-            flat += [
-                (g if g is not None else torch.zeros_like(p)).reshape(-1)
-                for g, p in zip(grads, params)
+    With the model known, the layout is the model's parameters in their fixed order, so the
+    ranks' buffers line up even where one rank's batch never reaches a parameter (a head or
+    an expert no sample of its batch was routed to); such a parameter gets zero rows, and one
+    that no rank reached keeps ``.grad`` as it was. Without the model, the parameters are
+    those this rank's graph reaches, which must then be the same on every rank.
+    """
+
+    def __init__(self, engine: Any, losses: Tensor, shared: list[Tensor], model: Any) -> None:
+        reached = leaves_reached([losses], exclude=shared)
+        if model is None:
+            self.leaves = reached
+        else:
+            shared_ids = {id(p) for p in shared}
+            candidates = [
+                p for p in model.parameters() if p.requires_grad and id(p) not in shared_ids
             ]
-        for p, tasks in self.multi:
-            for t in tasks:
-                (g,) = torch.autograd.grad(losses[t], [p], retain_graph=True, allow_unused=True)
-                flat.append((g if g is not None else torch.zeros_like(p)).reshape(-1))
+            known = {id(p) for p in candidates}
+            self.leaves = candidates + [p for p in reached if id(p) not in known]
+        hit = {id(p) for p in reached}
         ref = losses.detach()
-        self.flat = torch.cat(flat).to(ref.dtype) if flat else ref.new_zeros(0)
+        flags = ref.new_tensor([float(id(p) in hit) for p in self.leaves])
+        rows = engine(losses, self.leaves) if self.leaves else ref.new_zeros(len(ref), 0)
+        self.width = rows.shape[1]
+        self.flat = torch.cat([flags, rows.reshape(-1).to(ref.dtype)])
 
     def accumulate(self, reduced: Tensor, head_weights: Tensor) -> None:
-        """Write sum over owners of head_weights[task] x the reduced gradient into ``.grad``."""
+        """Write sum_k head_weights[k] x task k's reduced gradient into ``.grad`` of each
+        parameter that some rank reached."""
+        t = len(self.leaves)
+        if t == 0:
+            return
+        rows = reduced[t:].view(-1, self.width)
+        combined = head_weights.detach().to(rows) @ rows
         offset = 0
-        hw = head_weights.detach()
-        for p, task in self.single:
+        for p, flag in zip(self.leaves, (reduced[:t] > 0).tolist()):
             size = p.numel()
-            g = reduced[offset : offset + size].view_as(p) * hw[task].to(reduced)
+            if flag:
+                g = combined[offset : offset + size].view_as(p).to(p.dtype)
+                p.grad = g.clone() if p.grad is None else p.grad.add_(g)
             offset += size
-            p.grad = g.to(p.dtype).clone() if p.grad is None else p.grad.add_(g.to(p.dtype))
-        for p, tasks in self.multi:
-            size = p.numel()
-            g = torch.zeros_like(p, dtype=reduced.dtype)
-            for t in tasks:
-                g += reduced[offset : offset + size].view_as(p) * hw[t].to(reduced)
-                offset += size
-            p.grad = g.to(p.dtype).clone() if p.grad is None else p.grad.add_(g.to(p.dtype))
 
 
 def _is_plain_gramian(method: GradientMethod) -> bool:
@@ -312,8 +325,9 @@ def _params_backward(
     scale = ctx.pop("loss_scale", None)
     n = _count(ctx)
     k = losses.shape[0]
+    _agree_on_context(sync, ctx, losses)
     jac = method.engine(losses, shared)
-    heads = _TaskGrads(losses, shared)
+    heads = _TaskGrads(method.engine, losses, shared, sync.model)
     p_total = jac.shape[1]
     plain = _is_plain_gramian(method)
     sharded = plain and (
@@ -402,6 +416,18 @@ def _params_backward(
     return _result(weights, hw, extras, norms, global_losses)
 
 
+def _skip(shared: list[Tensor], features: Tensor, losses: Tensor, wrapper: bool) -> BackwardResult:
+    """An fp16 step whose scaled gradients overflowed: NaN gradients, so that GradScaler
+    skips it. Under DDP/FSDP every parameter the losses reach must take part in the
+    backward (else the wrapper waits for them at the next step): NaN flows from the losses."""
+    from polytask.methods.base import BackwardResult, _skip_step
+
+    if not wrapper:
+        return _skip_step(shared, "features", features)
+    torch.autograd.backward(losses, grad_tensors=torch.full_like(losses, float("nan")))
+    return BackwardResult(weights=None, extras={"found_inf": True})
+
+
 def _features_backward(
     method: GradientMethod,
     losses: Tensor,
@@ -409,13 +435,14 @@ def _features_backward(
     features: Tensor,
     ctx: dict[str, Any],
 ) -> BackwardResult:
-    from polytask.methods.base import _check_finite_rows, _skip_step
+    from polytask.methods.base import _check_finite_rows
 
     sync = method.sync
     assert sync is not None
     comm = sync.comm
     scale = ctx.pop("loss_scale", None)
     n = _count(ctx)
+    _agree_on_context(sync, ctx, losses)
     k = losses.shape[0]
     wrapper = sync.reducer() == "wrapper"
     world = comm.world_size
@@ -433,7 +460,7 @@ def _features_backward(
         g = payload[1 + k :].view(k, k) / total_n**2
         if scale is not None:
             if not bool(torch.isfinite(g).all()):
-                return _skip_step(shared, "features", features)
+                return _skip(shared, features, losses, wrapper)
             g = g / scale**2
         true_losses = global_losses if scale is None else global_losses / scale
         w = _gramian_weights(
@@ -454,7 +481,9 @@ def _features_backward(
         # widest rank's columns) in one all-gather, after a one-number all-gather of the
         # widths. The features' values go to methods that read them (ExcessMTL's per-sample
         # terms) as the global batch's.
-        sizes_all = comm.all_gather(jac.new_tensor([float(local_cols)]))
+        sizes_all = comm.all_gather(
+            torch.tensor([local_cols], dtype=torch.int64, device=jac.device)
+        )
         width = int(sizes_all.max())
         row = torch.zeros(1 + k + (k + 1) * width, dtype=dtype, device=jac.device)
         row[0] = n
@@ -484,7 +513,7 @@ def _features_backward(
         )
         if scale is not None:
             if not bool(torch.isfinite(jac_all).all()):
-                return _skip_step(shared, "features", features)
+                return _skip(shared, features, losses, wrapper)
             jac_all = jac_all / scale
         _check_finite_rows(jac_all, "gradient")
         true_losses = global_losses if scale is None else global_losses / scale
@@ -523,38 +552,19 @@ def _features_backward(
             task_part = c * hw.to(losses)
     else:
         task_part = c * head_weights.to(losses)
-    if wrapper:
-        if direction is None:
-            torch.autograd.backward(outputs, grad_tensors=cotangents)
-        else:
-            task_leaves = leaves_reached([losses], stop_at=[features])
-            if task_leaves:
-                torch.autograd.backward(
-                    losses, grad_tensors=task_part, inputs=task_leaves, retain_graph=True
-                )
-            features.backward(direction.view_as(features).to(features.dtype))
-        sync.verify_wrapper_reduced()
+    if direction is None:
+        parts = [(outputs, cotangents, leaves_reached([losses]))]
     else:
-        if direction is None:
-            leaves = leaves_reached([losses])
-            grads = _grads(outputs, cotangents, leaves)
-        else:
-            task_leaves = leaves_reached([losses], stop_at=[features])
-            encoder_leaves = leaves_reached([features])
-            leaves, grads = _merge(
-                [
-                    (task_leaves, _grads([losses], [task_part], task_leaves)),
-                    (
-                        encoder_leaves,
-                        _grads(
-                            [features],
-                            [direction.view_as(features).to(features.dtype)],
-                            encoder_leaves,
-                        ),
-                    ),
-                ]
-            )
-        _sum_and_accumulate(sync, leaves, grads)
+        task_leaves = leaves_reached([losses], stop_at=[features])
+        parts = [
+            ([losses], [task_part], task_leaves),
+            (
+                [features],
+                [direction.view_as(features).to(features.dtype)],
+                leaves_reached([features]),
+            ),
+        ]
+    _run_parts(sync, method, parts, wrapper)
     return _result(weights, hw, extras, extras.pop("_jac_norms", None), global_losses)
 
 

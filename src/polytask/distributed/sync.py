@@ -92,7 +92,20 @@ class DistributedSync:
         kind = self.wrapper
         if kind == "fsdp":
             return "wrapper"
-        if kind == "ddp" and self.model.require_backward_grad_sync:  # type: ignore[union-attr]
+        model: Any = self.model
+        if kind == "ddp" and model.require_backward_grad_sync:
+            if model.find_unused_parameters or model.static_graph:
+                # Both attach DDP's output sink, through which polytask's per-task passes
+                # would run and end DDP's reduction before the real backward.
+                flag = "find_unused_parameters" if model.find_unused_parameters else "static_graph"
+                raise DistributedError(
+                    f"DistributedDataParallel({flag}=True) reduces gradients at the end of the "
+                    "first backward pass through the model's outputs, and polytask's task "
+                    "gradients are such a pass: the update would be wrong. Build DDP with its "
+                    "default flags, or run the forward and method.backward inside `with "
+                    "model.no_sync():` (polytask then reduces), or give distribute() the plain "
+                    "module"
+                )
             return "wrapper"
         return "polytask"
 
@@ -110,9 +123,10 @@ class DistributedSync:
         if kind == "ddp" and self.model.require_backward_grad_sync:  # type: ignore[union-attr]
             raise DistributedError(
                 f"{name}.backward(mode='params') under DistributedDataParallel needs the "
-                "forward pass inside `with model.no_sync():` (polytask all-reduces the task "
-                "gradients itself; DDP's hooks would reduce only part of them and the ranks "
-                "would drift); or use mode='features', which keeps DDP's own all-reduce"
+                "forward pass and method.backward inside one `with model.no_sync():` block "
+                "(polytask all-reduces the task gradients itself; DDP's hooks would reduce "
+                "only part of them and the ranks would drift); or use mode='features', which "
+                "keeps DDP's own all-reduce"
             )
 
     def verify_wrapper_reduced(self) -> None:
@@ -243,6 +257,12 @@ def distribute(
         )
     comm = Communicator(group)
     sync = DistributedSync(comm, model, params_strategy, shard_min_elements)
+    wrapped_group = getattr(model, "process_group", None)
+    if sync.wrapper == "ddp" and group is not None and wrapped_group is not group:
+        raise DistributedError(
+            "distribute(group=...) differs from the process group the DDP model reduces "
+            "over; pass the same group to both (DDP(..., process_group=group))"
+        )
     state = comm.broadcast_object(_cpu_state(method.state_dict()) if comm.rank == 0 else None)
     method.load_state_dict(state)
     if model is not None and sync.wrapper is None:

@@ -51,8 +51,12 @@ def torchrun_process_group(device: str) -> Iterator[tuple[int, str]]:
     worker's device (``cuda`` becomes ``cuda:LOCAL_RANK``); yields (rank, device)."""
     local_rank = int(os.environ["LOCAL_RANK"])
     if torch.device(device).type == "cuda":
-        if torch.device(device).index is None:
-            device = f"cuda:{local_rank}"
+        if torch.device(device).index is not None:
+            raise ValueError(
+                f"--device {device} names one GPU for every process; give --device cuda "
+                "(each process takes the GPU of its local rank)"
+            )
+        device = f"cuda:{local_rank}"
         torch.cuda.set_device(torch.device(device))
         backend = "nccl"
     else:

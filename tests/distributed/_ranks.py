@@ -433,6 +433,13 @@ def misuse(rank: int, world: int) -> dict[str, Any]:
         "fsdp_params",
         lambda: step(sharded_model, fsdp_method, x[rows], y[rows], "params", {}, 4),
     )
+    for flag in ("find_unused_parameters", "static_graph"):
+        flagged = nn.parallel.DistributedDataParallel(Net(), **{flag: True})
+        flagged_method = distribute(polytask.methods.create("mgda", K), flagged)
+        expect(
+            flag,
+            lambda m=flagged, f=flagged_method: step(m, f, x[rows], y[rows], "features", {}, 4),
+        )
     partial = distribute(polytask.methods.create("ew", K), plain)
     present = torch.tensor([True, False, True])
     _, outs = plain(x[rows])
@@ -449,13 +456,145 @@ def misuse(rank: int, world: int) -> dict[str, Any]:
     return {"failures": [], "params": {}, "messages": messages}
 
 
+class RoutedNet(Net):
+    """Net plus a head layer that only samples with x[:, 0] > 1 reach (data-dependent
+    routing): in the tests only rank 0's batch holds such samples."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rare = nn.Linear(3, 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        z, outs = super().forward(x)
+        routed = x[:, 0] > 1
+        if bool(routed.any()):
+            extra = torch.zeros_like(outs[1])
+            extra[routed] = self.rare(z[routed])
+            outs[1] = outs[1] + extra
+        return z, outs
+
+
+def routed(rank: int, world: int) -> dict[str, Any]:
+    """A task parameter reached by one rank's batch only (the other's graph lacks it): the
+    ranks' buffers still line up, and the step equals one process's."""
+    failures: list[str] = []
+    x, y = data()
+    x[:, 0] = -2.0
+    x[1, 0] = 2.0  # sample 1, on rank 0, is routed
+    rows = list(SHARDS[world][rank])
+    finals = {}
+    for name, mode in [
+        ("mgda", "params"),
+        ("pcgrad", "params"),
+        ("ew", "params"),
+        ("mgda", "features"),
+        ("pcgrad", "features"),
+    ]:
+        torch.manual_seed(0)
+        reference = RoutedNet()
+        model = copy.deepcopy(reference)
+        ref_method = local(polytask.methods.create(name, K, seed=0))
+        method = distribute(polytask.methods.create(name, K, seed=0), model)
+        ctx = context_for(type(method))
+        res_ref, _ = step(reference, ref_method, x, y, mode, ctx, None)
+        res, _ = step(model, method, x[rows], y[rows], mode, ctx, len(rows))
+        tag = f"routed {name}/{mode}"
+        compare(f"{tag} weights", res_ref.weights, res.weights, failures)
+        compare(f"{tag} grads", grads(reference), grads(model), failures)
+        finals[f"{name}/{mode}"] = grads(model)
+    return {
+        "failures": failures,
+        "params": {k: {n: g for n, g in v.items() if g is not None} for k, v in finals.items()},
+    }
+
+
+def outside_ddp(rank: int, world: int) -> dict[str, Any]:
+    """A learnable parameter in the losses but outside the DDP module (a temperature per
+    task) is reduced by polytask: its gradient equals one process's on every rank."""
+    failures: list[str] = []
+    x, y = data()
+    rows = list(SHARDS[world][rank])
+    for name, mode in [
+        ("ew", "params"),
+        ("uw", "params"),
+        ("mgda", "features"),
+        ("pcgrad", "features"),
+    ]:
+        torch.manual_seed(0)
+        reference = Net()
+        temp_ref = nn.Parameter(torch.tensor([0.5, 1.5, 1.0]))
+        model = nn.parallel.DistributedDataParallel(copy.deepcopy(reference))
+        temp = nn.Parameter(temp_ref.detach().clone())
+        ref_method = local(polytask.methods.create(name, K, seed=0))
+        method = distribute(polytask.methods.create(name, K, seed=0), model)
+
+        def run(net, m, t, xs, ys, n, mode=mode):
+            z, outs = net(xs)
+            losses = torch.stack(
+                [t[k] * ((o.squeeze(-1) - ys[:, k]) ** 2).mean() for k, o in enumerate(outs)]
+            )
+            enc = net.module.encoder if hasattr(net, "module") else net.encoder
+            extra = {} if n is None else {"num_samples": n}
+            m.backward(
+                losses,
+                shared_params=list(enc.parameters()),
+                features=z if mode == "features" else None,
+                mode=mode,
+                **extra,
+            )
+
+        run(reference, ref_method, temp_ref, x, y, None)
+        run(model, method, temp, x[rows], y[rows], len(rows))
+        tag = f"outside {name}/{mode}"
+        compare(f"{tag} temperature grad", temp_ref.grad, temp.grad, failures)
+        compare(f"{tag} grads", grads(reference), grads(model), failures)
+    return {"failures": failures, "params": {}}
+
+
+def ddp_overflow(rank: int, world: int) -> dict[str, Any]:
+    """fp16 loss scaling under DDP in features mode: an overflowed step leaves NaN for the
+    scaler in every parameter DDP waits for, so the next step runs."""
+    torch.set_default_dtype(torch.float32)
+    failures: list[str] = []
+    x, y = data()
+    x, y = x.float(), y.float()
+    rows = list(SHARDS[world][rank])
+    torch.manual_seed(0)
+    model = nn.parallel.DistributedDataParallel(Net().float())
+    method = distribute(polytask.methods.create("mgda", K), model)
+    for i, scale in enumerate([2.0**120, 1.0]):
+        model.zero_grad()
+        z, outs = model(x[rows])
+        losses = torch.stack(
+            [scale * ((o.squeeze(-1) - y[rows, k]) ** 2).mean() for k, o in enumerate(outs)]
+        )
+        result = method.backward(
+            losses,
+            shared_params=list(model.module.encoder.parameters()),
+            features=z,
+            mode="features",
+            loss_scale=scale,
+            num_samples=len(rows),
+        )
+        overflowed = bool(result.extras.get("found_inf"))
+        if overflowed != (i == 0):
+            failures.append(f"step {i}: found_inf={overflowed}")
+        if i == 0 and any(
+            p.grad is None or bool(torch.isfinite(p.grad).all()) for p in model.parameters()
+        ):
+            failures.append("an overflowed step must leave NaN in every parameter's grad")
+    return {"failures": failures, "params": {}}
+
+
 # -- the trainer ------------------------------------------------------------------------------
 #: (method, mode) pairs the trainer runs under two ranks; the test compares each with a
 #: single-process trainer on the same data.
 TRAINER_CASES = [("pcgrad", "params"), ("mgda", "features"), ("famo", "params"), ("uw", "params")]
 
 
-def tiny_trainer(method: str, mode: str, out_dir: str | None = None, epochs: int = 2):
+def tiny_trainer(
+    method: str, mode: str, out_dir: str | None = None, epochs: int = 2, dropout: bool = False
+):
     """A trainer on the tiny two-task problem (no dropout, so one process and two ranks see
     the same network), float32, global batch 7 (ranks hold 4 and 3)."""
     from polytask.train import TrainConfig, Trainer
@@ -463,7 +602,8 @@ def tiny_trainer(method: str, mode: str, out_dir: str | None = None, epochs: int
 
     torch.manual_seed(0)
     model = TinyNet().float()
-    model.encoder[2].p = 0.0
+    if not dropout:
+        model.encoder[2].p = 0.0
     config = TrainConfig(
         epochs=epochs, batch_size=7, mode=mode, select="loss", seed=3, device="cpu"
     )
@@ -496,18 +636,19 @@ def trainer(rank: int, world: int) -> dict[str, Any]:
 
 
 def trainer_resume(rank: int, world: int) -> dict[str, Any]:
-    """Interrupted after 3 steps and resumed from rank 0's checkpoint = uninterrupted."""
+    """Interrupted after 3 steps and resumed from rank 0's checkpoint = uninterrupted, with
+    dropout on (each rank draws its own masks, and resumes its own random state)."""
     torch.set_default_dtype(torch.float32)
     root = Path(os.environ["POLYTASK_TEST_OUT"])
     failures: list[str] = []
     finals = {}
     for method, mode in [("famo", "params"), ("nash_mtl", "features")]:
-        first = tiny_trainer(method, mode, str(root / f"{method}-cut"))
+        first = tiny_trainer(method, mode, str(root / f"{method}-cut"), dropout=True)
         first.fit(stop_after_steps=3)
         dist.barrier()  # rank 0's checkpoint is on disk before anyone resumes
-        resumed = tiny_trainer(method, mode, str(root / f"{method}-cut"))
+        resumed = tiny_trainer(method, mode, str(root / f"{method}-cut"), dropout=True)
         got = resumed.fit(resume=True)
-        whole = tiny_trainer(method, mode, str(root / f"{method}-whole"))
+        whole = tiny_trainer(method, mode, str(root / f"{method}-whole"), dropout=True)
         want = whole.fit()
         compare(f"{method} resumed params", params(whole.model), params(resumed.model), failures)
         compare(
@@ -535,5 +676,8 @@ SCENARIOS: dict[str, Callable[[int, int], dict[str, Any]]] = {
     "payloads": payloads,
     "misuse": misuse,
     "trainer": trainer,
+    "routed": routed,
+    "outside_ddp": outside_ddp,
+    "ddp_overflow": ddp_overflow,
     "trainer_resume": trainer_resume,
 }

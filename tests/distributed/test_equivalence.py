@@ -109,10 +109,27 @@ def test_communication_payload_is_the_documented_one() -> None:
 def test_misuse_raises_and_says_what_to_do() -> None:
     messages = launch("misuse")[0]["messages"]
     assert "distribute(method, model)" in messages["undecided"]
-    assert "no_sync" in messages["ddp_params_synced"]
+    assert (
+        "forward pass and method.backward inside one `with model.no_sync():`"
+        in (messages["ddp_params_synced"])
+    )
+    assert "find_unused_parameters=True" in messages["find_unused_parameters"]
+    assert "static_graph=True" in messages["static_graph"]
     assert "meta step" in messages["meta"]
     assert "representation" in messages["rotograd"]
     assert "update_weights_every=1" in messages["nash_reuse"]
     assert "every task" in messages["partial"]
     assert "did not go through the DDP module" in messages["ddp_bypassed"]
     assert "use mode='features' with FSDP" in messages["fsdp_params"]
+
+
+def test_a_task_parameter_only_some_ranks_reach() -> None:
+    _check(launch("routed"))
+
+
+def test_parameters_outside_ddp_are_reduced() -> None:
+    _check(launch("outside_ddp"))
+
+
+def test_fp16_overflow_under_ddp_skips_and_the_next_step_runs() -> None:
+    _check(launch("ddp_overflow"))

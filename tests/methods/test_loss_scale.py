@@ -44,7 +44,10 @@ def _step(name, mode, scale):
         if method.needs_losses_after_step:
             with torch.no_grad():
                 method.after_step(problem.forward()[0])
-        results.append((result, [p.grad.clone() for p in problem.parameters()]))
+        # The method's own parameters too (UW, IMTL-L, IMTL's scales, GradNorm's weights):
+        # GradScaler unscales every gradient of the optimizer.
+        own = [p.grad.clone() for p in method.parameters() if p.grad is not None]
+        results.append((result, [p.grad.clone() for p in problem.parameters()] + own))
     return results
 
 
@@ -53,6 +56,7 @@ def test_scaled_losses_give_scaled_grads_and_the_same_weights(name):
     for mode in sorted(polytask.methods.get(name).modes):
         plain, scaled = _step(name, mode, None), _step(name, mode, SCALE)
         for (r0, g0), (r1, g1) in zip(plain, scaled):
+            assert len(g0) == len(g1)
             for a, b in zip(g0, g1):
                 torch.testing.assert_close(b, SCALE * a, rtol=1e-7, atol=1e-9)
             if r0.weights is not None:

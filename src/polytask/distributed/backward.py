@@ -316,7 +316,7 @@ def gradient_backward(
 def _params_backward(
     method: GradientMethod, losses: Tensor, shared: list[Tensor], ctx: dict[str, Any]
 ) -> BackwardResult:
-    from polytask.methods.base import _check_finite_rows, _skip_step
+    from polytask.methods.base import _check_finite_rows, _skip_step, own_grads_scaled
 
     sync = method.sync
     assert sync is not None
@@ -365,9 +365,10 @@ def _params_backward(
             weights, hw = w, method._head_weights(w)
             extras = {"gramian": g, **method._weight_extras()}
         else:
-            result = method._aggregate(
-                jac, losses=true_losses, param_sizes=sizes, mode="params", features=None, **ctx
-            )
+            with own_grads_scaled(method, scale):
+                result = method._aggregate(
+                    jac, losses=true_losses, param_sizes=sizes, mode="params", features=None, **ctx
+                )
             direction, weights, hw = result.direction, result.weights, result.head_weights
             extras = dict(result.extras)
     else:
@@ -435,7 +436,7 @@ def _features_backward(
     features: Tensor,
     ctx: dict[str, Any],
 ) -> BackwardResult:
-    from polytask.methods.base import _check_finite_rows
+    from polytask.methods.base import _check_finite_rows, own_grads_scaled
 
     sync = method.sync
     assert sync is not None
@@ -517,14 +518,15 @@ def _features_backward(
             jac_all = jac_all / scale
         _check_finite_rows(jac_all, "gradient")
         true_losses = global_losses if scale is None else global_losses / scale
-        result = method._aggregate(
-            jac_all,
-            losses=true_losses,
-            param_sizes=(jac_all.shape[1],),
-            mode="features",
-            features=global_features,
-            **ctx,
-        )
+        with own_grads_scaled(method, scale):
+            result = method._aggregate(
+                jac_all,
+                losses=true_losses,
+                param_sizes=(jac_all.shape[1],),
+                mode="features",
+                features=global_features,
+                **ctx,
+            )
         start = sum(cols[: comm.rank])
         direction = result.direction[start : start + local_cols]
         if scale is not None:

@@ -19,8 +19,9 @@ it defines one.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -613,6 +614,30 @@ def _skip_step(shared: list[Tensor], mode: str, features: Tensor | None) -> Back
     return BackwardResult(weights=None, extras={"found_inf": True})
 
 
+@contextlib.contextmanager
+def own_grads_scaled(method: Method, scale: float | None) -> Iterator[None]:
+    """Multiply by ``scale`` the gradients the method writes into its own parameters inside
+    the block (IMTL's scales, GradNorm's weights, RotoGrad's rotations): with fp16 loss
+    scaling every gradient in the optimizer is scaled, and ``GradScaler.unscale_`` divides
+    them all by the scale. Earlier gradients are set aside meanwhile, so the new ones are
+    scaled exactly."""
+    if scale is None:
+        yield
+        return
+    earlier = {}
+    for p in method.parameters():
+        earlier[id(p)] = p.grad
+        p.grad = None
+    try:
+        yield
+    finally:
+        for p in method.parameters():  # also those the method created in the block
+            old, new = earlier.get(id(p)), p.grad
+            if new is not None:
+                new = new * scale
+            p.grad = old if new is None else (new if old is None else old + new)
+
+
 def _check_mode(method: Method, mode: str, features: Tensor | None) -> None:
     if mode not in ("params", "features"):
         raise ValueError(f"mode={mode!r} must be 'params' or 'features'")
@@ -730,9 +755,10 @@ class GradientMethod(Method):
         _check_finite_rows(jac, "gradient")
         sizes = tuple(p.numel() for p in shared) if mode == "params" else (jac.shape[1],)
         true_losses = losses.detach() if scale is None else losses.detach() / scale
-        result = self._aggregate(
-            jac, losses=true_losses, param_sizes=sizes, mode=mode, features=features, **ctx
-        )
+        with own_grads_scaled(self, scale):
+            result = self._aggregate(
+                jac, losses=true_losses, param_sizes=sizes, mode=mode, features=features, **ctx
+            )
         direction = result.direction
         if not bool(torch.isfinite(direction).all()):
             raise NonFiniteError(

@@ -367,6 +367,11 @@ class Trainer:
         start = self.rank * q + min(self.rank, r)
         return Subset(dataset, range(start, start + q + (self.rank < r)))
 
+    def _rank_seed(self, seed: int) -> int:
+        """``seed`` on rank 0 (and in one process); other ranks draw other random numbers
+        (dropout, augmentation), as their samples are others."""
+        return seed + 104_729 * self.rank
+
     def _backward_term(self, term: Tensor, num_samples: int) -> None:
         """Backward of a model regulariser or auxiliary loss: reduced over the ranks."""
         if self.method.sync is not None:
@@ -484,8 +489,7 @@ class Trainer:
         synced = self.method.sync
         if synced is not None:
             # Running statistics (BatchNorm) follow rank 0, as DDP's broadcast_buffers.
-            for buffer in self.model.buffers():
-                synced.comm.broadcast(buffer.data)
+            _broadcast_buffers(synced.comm, list(self.model.buffers()))
         n_local = _batch_size(inputs)
         features, outputs, task_losses = self._forward_losses(inputs, targets)
         present = self._present(targets)
@@ -654,7 +658,17 @@ class Trainer:
         return -value if self.directions[select] else value
 
     def _checkpoint(self) -> None:
-        if self.out_dir is None or not self._writes:
+        if self.out_dir is None:
+            return
+        rng: Any = get_rng_state()
+        if self.world_size > 1:
+            # Each rank draws its own dropout and augmentation: all of them are kept.
+            import torch.distributed as dist
+
+            states: list[Any] = [None] * self.world_size
+            dist.all_gather_object(states, rng)
+            rng = states
+        if not self._writes:
             return
         save_checkpoint(
             self.out_dir / "last.pt",
@@ -669,7 +683,8 @@ class Trainer:
                 else None,
                 "sampler": {**self.sampler.state_dict(), "position": self.position},
                 "meta_sampler": self.meta_sampler.state_dict(),
-                "rng": get_rng_state(),
+                "rng": rng,
+                "world_size": self.world_size,
                 "step": self.step,
                 "epoch": self.epoch,
                 "history": self.history,
@@ -698,7 +713,14 @@ class Trainer:
         self.position = self.sampler.position
         self.meta_sampler.load_state_dict(state["meta_sampler"])
         self._meta_batches = None
-        set_rng_state(state["rng"])
+        written_by = state.get("world_size", 1)
+        if written_by != self.world_size:
+            raise ValueError(
+                f"{self.out_dir / 'last.pt'} was written by a run on {written_by} process(es); "
+                f"resume it on {written_by} (this run has {self.world_size}), or train afresh "
+                "in another output folder"
+            )
+        set_rng_state(state["rng"][self.rank] if self.world_size > 1 else state["rng"])
         self.step, self.epoch = state["step"], state["epoch"]
         self.history, self.reference = state["history"], state["reference"]
         self.latest_val = state["latest_val"]
@@ -719,7 +741,7 @@ class Trainer:
         resumed = self.resume() if resume else False
         if not resumed and self.step == 0:
             # The run owns the global RNG streams (dropout, augmentation) from here on.
-            seed_everything(self.config.seed)
+            seed_everything(self._rank_seed(self.config.seed))
         needs_val_first = bool({"val_losses", "kpis"} & set(self.method.needs))
         if self.latest_val is None and (needs_val_first or self.config.select == "delta_m"):
             self.latest_val = self.evaluate("val")
@@ -753,7 +775,7 @@ class Trainer:
         self._steps_here = steps_here
         self.sampler.epoch = self.epoch
         self.sampler.position = self.position
-        self._loader_rng.manual_seed(self.config.seed * 1_000_003 + self.epoch)
+        self._loader_rng.manual_seed(self._rank_seed(self.config.seed * 1_000_003 + self.epoch))
         n_batches = len(self.sampler)
         bar = progress.add_task(f"epoch {self.epoch + 1}", total=n_batches, completed=self.position)
         if self.position == 0:
@@ -836,3 +858,17 @@ class Trainer:
             history=list(self.history),
             wall_time=wall,
         )
+
+
+@torch.no_grad()
+def _broadcast_buffers(comm: Any, buffers: list[Tensor]) -> None:
+    """Rank 0's buffers on every rank, one broadcast per dtype."""
+    by_dtype: dict[torch.dtype, list[Tensor]] = {}
+    for buffer in buffers:
+        by_dtype.setdefault(buffer.dtype, []).append(buffer)
+    for group in by_dtype.values():
+        flat = comm.broadcast(torch.cat([b.reshape(-1) for b in group]))
+        offset = 0
+        for b in group:
+            b.copy_(flat[offset : offset + b.numel()].view_as(b))
+            offset += b.numel()

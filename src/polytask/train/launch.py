@@ -64,5 +64,8 @@ def torchrun_process_group(device: str) -> Iterator[tuple[int, str]]:
     dist.init_process_group(backend)
     try:
         yield dist.get_rank(), device
+        # Every rank done with its collectives before the group goes: tearing gloo down
+        # under a peer still using it aborts the process.
+        dist.barrier()
     finally:
         dist.destroy_process_group()

@@ -239,7 +239,8 @@ def _distributable() -> list[str]:
     out = []
     for name in polytask.methods.available():
         cls = polytask.methods.get(name)
-        if cls.distributable and not cls.needs_meta_step:
+        meta_ok = not cls.needs_meta_step or getattr(cls, "meta_step_distributed", False)
+        if cls.distributable and meta_ok:
             out.append(name)
     return out
 
@@ -411,7 +412,7 @@ def misuse(rank: int, world: int) -> dict[str, Any]:
     ddp = nn.parallel.DistributedDataParallel(Net())
     method = distribute(polytask.methods.create("pcgrad", K, seed=0), ddp)
     expect("ddp_params_synced", lambda: step(ddp, method, x[rows], y[rows], "params", {}, 4))
-    expect("meta", lambda: distribute(polytask.methods.create("auto_lambda", K), plain))
+    expect("meta", lambda: distribute(polytask.methods.create("sequential_reptile", K), plain))
     expect("rotograd", lambda: distribute(polytask.methods.create("rotograd", K), plain))
     expect(
         "nash_reuse",
@@ -586,10 +587,66 @@ def ddp_overflow(rank: int, world: int) -> dict[str, Any]:
     return {"failures": failures, "params": {}}
 
 
+def meta(rank: int, world: int) -> dict[str, Any]:
+    """Auto-Lambda's and MOML's meta step (look-ahead on a validation batch) on each rank's
+    shares of the training and validation batches = the meta step on the whole batches."""
+    failures: list[str] = []
+    x, y = data()
+    g = torch.Generator().manual_seed(9)
+    xv, yv = torch.randn(7, 5, generator=g), torch.randn(7, K, generator=g)
+    rows = list(SHARDS[world][rank])
+
+    def loss_fn(model, batch):
+        xs, ys = batch
+        _, outs = model(xs)
+        return torch.stack([((o.squeeze(-1) - ys[:, k]) ** 2).mean() for k, o in enumerate(outs)])
+
+    for name in ("auto_lambda", "moml"):
+        for hessian in ("finite_difference", "exact"):
+            torch.manual_seed(0)
+            reference = Net()
+            model = copy.deepcopy(reference)
+            ref_method = local(polytask.methods.create(name, K, hessian=hessian, meta_lr=0.1))
+            method = distribute(
+                polytask.methods.create(name, K, hessian=hessian, meta_lr=0.1), model
+            )
+            tag = f"meta {name}/{hessian}"
+            for i in range(2):
+                got_ref = ref_method.meta_step(reference, (x, y), (xv, yv), loss_fn, inner_lr=0.1)
+                got = method.meta_step(
+                    model,
+                    (x[rows], y[rows]),
+                    (xv[rows], yv[rows]),
+                    loss_fn,
+                    inner_lr=0.1,
+                    num_samples=(len(rows), len(rows)),
+                )
+                compare(f"{tag} step {i} weights", got_ref.weights, got.weights, failures)
+                compare(f"{tag} step {i} val losses", got_ref.val_losses, got.val_losses, failures)
+                compare(
+                    f"{tag} step {i} meta gradient",
+                    got_ref.meta_gradient,
+                    got.meta_gradient,
+                    failures,
+                )
+            compare(f"{tag} state", ref_method.state_dict(), method.state_dict(), failures)
+            res_ref, _ = step(reference, ref_method, x, y, "params", {}, None)
+            res, _ = step(model, method, x[rows], y[rows], "params", {}, len(rows))
+            compare(f"{tag} backward weights", res_ref.weights, res.weights, failures)
+            compare(f"{tag} backward grads", grads(reference), grads(model), failures)
+    return {"failures": failures, "params": {}}
+
+
 # -- the trainer ------------------------------------------------------------------------------
 #: (method, mode) pairs the trainer runs under two ranks; the test compares each with a
 #: single-process trainer on the same data.
-TRAINER_CASES = [("pcgrad", "params"), ("mgda", "features"), ("famo", "params"), ("uw", "params")]
+TRAINER_CASES = [
+    ("pcgrad", "params"),
+    ("mgda", "features"),
+    ("famo", "params"),
+    ("uw", "params"),
+    ("auto_lambda", "params"),
+]
 
 
 def tiny_trainer(
@@ -677,6 +734,7 @@ SCENARIOS: dict[str, Callable[[int, int], dict[str, Any]]] = {
     "misuse": misuse,
     "trainer": trainer,
     "routed": routed,
+    "meta": meta,
     "outside_ddp": outside_ddp,
     "ddp_overflow": ddp_overflow,
     "trainer_resume": trainer_resume,

@@ -133,3 +133,7 @@ def test_parameters_outside_ddp_are_reduced() -> None:
 
 def test_fp16_overflow_under_ddp_skips_and_the_next_step_runs() -> None:
     _check(launch("ddp_overflow"))
+
+
+def test_meta_steps_of_auto_lambda_and_moml() -> None:
+    _check(launch("meta"))

@@ -66,6 +66,7 @@ class AutoLambda(MetaMethod):
     Returns weights: lambda.
     """
 
+    meta_step_distributed: ClassVar[bool] = True
     paper: ClassVar[str] = (
         "Liu, James, Davison & Johns, Auto-Lambda: Disentangling Dynamic Task Relationships, "
         "TMLR 2022"
@@ -106,6 +107,7 @@ class AutoLambda(MetaMethod):
         *,
         inner_lr: float | None = None,
         inner_optimizer: torch.optim.Optimizer | None = None,
+        num_samples: tuple[float, float] | None = None,
     ) -> MetaStepResult:
         """Update lambda by one Adam step on the primary tasks' look-ahead validation loss."""
         check_inner_step(inner_lr, inner_optimizer, sgd_only=True)
@@ -124,6 +126,8 @@ class AutoLambda(MetaMethod):
             inner_lr=inner_lr,
             inner_optimizer=inner_optimizer,
             hessian=self.hessian,
+            sync=self.sync,
+            num_samples=num_samples,
         )
         grad = hyper[0]
         self._apply_meta_gradient(self.lambdas, grad)

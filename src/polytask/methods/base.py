@@ -348,10 +348,10 @@ class Method(nn.Module):
     def why_not_distributable(self) -> str | None:
         """Why :func:`polytask.distributed.distribute` cannot take this instance (its class or
         its hyper-parameters), or ``None``."""
-        if type(self).needs_meta_step:
+        if type(self).needs_meta_step and not getattr(type(self), "meta_step_distributed", False):
             return (
-                "its meta step (a look-ahead on a validation batch) is not distributed yet; "
-                "train it on one process"
+                "its meta step (an inner trajectory over per-task batches) is not distributed "
+                "yet; train it on one process"
             )
         if not type(self).distributable:
             return type(self).not_distributable_because

@@ -143,6 +143,9 @@ class MetaMethod(LossMethod):
     needs_meta_step: ClassVar[bool] = True
     #: Whether :meth:`meta_step` updates the model itself, so loops skip the ordinary step.
     meta_step_replaces_step: ClassVar[bool] = False
+    #: Whether :meth:`meta_step` reduces over the ranks under
+    #: :func:`polytask.distributed.distribute` (see :func:`lookahead_hypergradient`).
+    meta_step_distributed: ClassVar[bool] = False
 
     def task_weights(self) -> Tensor:
         """The current task weights [K] (detached)."""
@@ -163,6 +166,7 @@ class MetaMethod(LossMethod):
         *,
         inner_lr: float | None = None,
         inner_optimizer: torch.optim.Optimizer | None = None,
+        num_samples: tuple[float, float] | None = None,
     ) -> MetaStepResult:
         """One meta update from ``train_batch`` (the virtual step) and ``val_batch``.
 
@@ -175,6 +179,9 @@ class MetaMethod(LossMethod):
             inner_lr: learning rate of a plain SGD virtual step; or
             inner_optimizer: the ``torch.optim.SGD`` the model trains with (exactly one of
                 the two).
+            num_samples: under :func:`polytask.distributed.distribute`, this rank's numbers
+                of training and validation samples (default: equal shares); ``model`` is
+                the plain module (not a DDP wrapper).
         """
         raise NotImplementedError
 
@@ -403,6 +410,29 @@ def _sgd_step(
     return new, scale
 
 
+class _Means:
+    """Count-weighted means over the ranks of a process group (identity on one process):
+    under :func:`polytask.distributed.distribute` each rank's batch is its share of the
+    global batch, and every quantity of the look-ahead is a mean over samples."""
+
+    def __init__(self, sync: Any, count: float | None) -> None:
+        self.sync, self.count = sync, 1.0 if count is None else float(count)
+
+    def __call__(self, *tensors: Tensor) -> list[Tensor]:
+        if self.sync is None:
+            return list(tensors)
+        flat = torch.cat(
+            [tensors[0].new_tensor([self.count])]
+            + [self.count * t.detach().reshape(-1).to(tensors[0].dtype) for t in tensors]
+        )
+        self.sync.comm.all_reduce(flat)
+        out, offset = [], 1
+        for t in tensors:
+            out.append((flat[offset : offset + t.numel()] / flat[0]).view_as(t).to(t.dtype))
+            offset += t.numel()
+        return out
+
+
 def lookahead_hypergradient(
     fmodel: FunctionalModel,
     train_batch: Any,
@@ -413,46 +443,63 @@ def lookahead_hypergradient(
     inner_lr: float | None,
     inner_optimizer: torch.optim.Optimizer | None,
     hessian: str,
+    sync: Any = None,
+    num_samples: tuple[float, float] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """d/dw of M combinations of the validation losses after one virtual step.
 
     The virtual step minimises sum_i w_i L_i(theta) on ``train_batch``; row m of the result
     is d/dw [sum_k combinations[m, k] V_k(theta'(w))], V the losses on ``val_batch``.
 
+    With ``sync`` (a distributed method's), the batches are this rank's shares of the global
+    ones (``num_samples``: this rank's numbers of training and validation samples; default
+    equal shares), and the training gradient, the validation gradients and losses and the
+    finite differences are reduced over the ranks, so every rank returns the hyper-gradient
+    of the concatenated batches.
+
     Returns:
         (hyper-gradients [M, K], validation losses at theta' [K], training losses [K]), all
         detached, in the losses' dtype.
     """
+    n_train, n_val = num_samples if num_samples is not None else (None, None)
+    train_mean, val_mean = _Means(sync, n_train), _Means(sync, n_val)
     params = fmodel.params
     train = fmodel.losses(params, train_batch, "train_batch")
     w = weights.detach().to(train)
     if hessian == "exact":
         jac = jacobian(train, params, strategy="loop", retain_graph=False)
+        train_losses, jac = train_mean(train.detach(), jac)
         grads = fmodel.unflat(w @ jac)
     else:
         grads = torch.autograd.grad((w * train).sum(), params, allow_unused=True)
         grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+        train_losses, flat = train_mean(train.detach(), fmodel.flat(grads))
+        grads = fmodel.unflat(flat)
     stepped, scale = _sgd_step(params, [g.detach() for g in grads], inner_lr, inner_optimizer)
     stepped = [t.detach().requires_grad_() for t in stepped]
     val = fmodel.losses(stepped, val_batch, "val_batch")
     a = fmodel.flat(scale)
     combos = combinations.to(val)
-    directions = []
+    val_grads = []
     for m in range(combos.shape[0]):
         vg = torch.autograd.grad(
             combos[m] @ val, stepped, retain_graph=m + 1 < combos.shape[0], allow_unused=True
         )
-        directions.append(a * fmodel.flat(vg))
-    u = torch.stack(directions)
+        val_grads.append(fmodel.flat(vg))
+    val_losses, val_grads_mean = val_mean(val.detach(), torch.stack(val_grads))
+    u = a * val_grads_mean
     if hessian == "exact":
         derivative = u @ jac.T
     else:
-        derivative = _central_differences(fmodel, train_batch, u)
-    return -derivative.detach(), val.detach(), train.detach()
+        derivative = _central_differences(fmodel, train_batch, u, train_mean)
+    return -derivative.detach(), val_losses.detach(), train_losses.detach()
 
 
-def _central_differences(fmodel: FunctionalModel, batch: Any, directions: Tensor) -> Tensor:
-    """Rows m: (L(theta + eps u_m) - L(theta - eps u_m)) / (2 eps), eps = 0.01 / ||u_m||."""
+def _central_differences(
+    fmodel: FunctionalModel, batch: Any, directions: Tensor, mean: _Means | None = None
+) -> Tensor:
+    """Rows m: (L(theta + eps u_m) - L(theta - eps u_m)) / (2 eps), eps = 0.01 / ||u_m||;
+    ``mean`` reduces the differences over the ranks."""
     theta = fmodel.flat([p.detach() for p in fmodel.params])
     rows = []
     devices = [p.device for p in fmodel.params]
@@ -467,7 +514,10 @@ def _central_differences(fmodel: FunctionalModel, batch: Any, directions: Tensor
             plus = fmodel.losses(fmodel.unflat(theta + eps * u), batch, "train_batch", graph=False)
             rewind()
             minus = fmodel.losses(fmodel.unflat(theta - eps * u), batch, "train_batch", graph=False)
-        rows.append((plus - minus).to(u) / (2.0 * eps))
+        difference = (plus - minus).to(u)
+        if mean is not None:
+            (difference,) = mean(difference)
+        rows.append(difference / (2.0 * eps))
     return torch.stack(rows)
 
 

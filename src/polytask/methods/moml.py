@@ -62,6 +62,7 @@ class MOML(MetaMethod):
     Returns weights: softmax(s) (sums to 1).
     """
 
+    meta_step_distributed: ClassVar[bool] = True
     paper: ClassVar[str] = (
         "Ye, Lin, Yue, Guo, Xiao & Zhang, Multi-Objective Meta Learning, NeurIPS 2021"
     )
@@ -98,6 +99,7 @@ class MOML(MetaMethod):
         *,
         inner_lr: float | None = None,
         inner_optimizer: torch.optim.Optimizer | None = None,
+        num_samples: tuple[float, float] | None = None,
     ) -> MetaStepResult:
         """Update s by one Adam step along the MGDA combination of the K hyper-gradients."""
         check_inner_step(inner_lr, inner_optimizer, sgd_only=True)
@@ -118,6 +120,8 @@ class MOML(MetaMethod):
             inner_lr=inner_lr,
             inner_optimizer=inner_optimizer,
             hessian=self.hessian,
+            sync=self.sync,
+            num_samples=num_samples,
         )
         # Chain rule through lambda = softmax(s): d lambda / d s = diag(lambda) - lambda lambda^T.
         lam = lam.to(hyper)

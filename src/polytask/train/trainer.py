@@ -308,7 +308,12 @@ class Trainer:
         # official code uses (the validation split stays for model selection alone).
         self.train_set = train
         self.meta_sampler = ResumableBatchSampler(
-            len(train), config.batch_size, shuffle=True, seed=config.seed + 7919
+            len(train),
+            config.batch_size,
+            shuffle=True,
+            seed=config.seed + 7919,
+            rank=self.rank,
+            world_size=self.world_size,
         )
         self._meta_batches: Any = None
         # The loader draws its workers' base seed from this generator, not from the global
@@ -613,8 +618,12 @@ class Trainer:
             with torch.no_grad():
                 now = self._meta_loss(self.model, (inputs, targets))
             return {"losses": now.detach()}
+        val_batch = self._meta_batch()
+        if method.sync is not None:
+            # This rank's shares of the two global batches.
+            inner["num_samples"] = (_batch_size(inputs), _batch_size(val_batch[0]))
         result = method.meta_step(
-            self.model, (inputs, targets), self._meta_batch(), self._meta_loss, **inner
+            self.model, (inputs, targets), val_batch, self._meta_loss, **inner
         )
         return {"losses": None, "weights": result.weights}
 

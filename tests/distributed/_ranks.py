@@ -412,8 +412,6 @@ def misuse(rank: int, world: int) -> dict[str, Any]:
     ddp = nn.parallel.DistributedDataParallel(Net())
     method = distribute(polytask.methods.create("pcgrad", K, seed=0), ddp)
     expect("ddp_params_synced", lambda: step(ddp, method, x[rows], y[rows], "params", {}, 4))
-    expect("meta", lambda: distribute(polytask.methods.create("sequential_reptile", K), plain))
-    expect("rotograd", lambda: distribute(polytask.methods.create("rotograd", K), plain))
     expect(
         "nash_reuse",
         lambda: distribute(polytask.methods.create("nash_mtl", K, update_weights_every=2)),
@@ -634,7 +632,88 @@ def meta(rank: int, world: int) -> dict[str, Any]:
             res, _ = step(model, method, x[rows], y[rows], "params", {}, len(rows))
             compare(f"{tag} backward weights", res_ref.weights, res.weights, failures)
             compare(f"{tag} backward grads", grads(reference), grads(model), failures)
+    # Sequential Reptile: three inner steps (task order from the synchronised generator),
+    # with the model's SGD (momentum) and with a plain inner learning rate.
+    batches = [(x, y), (xv, yv), (x.flip(0), y.flip(0))]
+    for use_optimizer in (True, False):
+        torch.manual_seed(0)
+        reference = Net()
+        model = copy.deepcopy(reference)
+        ref_method = local(polytask.methods.create("sequential_reptile", K, seed=0))
+        method = distribute(polytask.methods.create("sequential_reptile", K, seed=0), model)
+        inner = {}
+        if use_optimizer:
+            ref_inner = {
+                "inner_optimizer": torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
+            }
+            inner = {"inner_optimizer": torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)}
+        else:
+            ref_inner = inner = {"inner_lr": 0.1}
+        for i in range(2):
+            got_ref = ref_method.meta_step(reference, batches, None, loss_fn, **ref_inner)
+            got = method.meta_step(
+                model,
+                [(bx[rows], by[rows]) for bx, by in batches],
+                None,
+                loss_fn,
+                num_samples=[len(rows)] * 3,
+                **inner,
+            )
+            tag = f"sequential_reptile optimizer={use_optimizer} step {i}"
+            compare(f"{tag} tasks", got_ref.extras["tasks"], got.extras["tasks"], failures)
+            compare(f"{tag} params", params(reference), params(model), failures)
     return {"failures": failures, "params": {}}
+
+
+def rotograd(rank: int, world: int) -> dict[str, Any]:
+    """RotoGrad with the heads reading the rotated representation: its rotation objective
+    and magnitude rule see the global feature Jacobian, so rotations, model and state equal
+    one process's over three Adam steps."""
+    failures: list[str] = []
+    x, y = data()
+    rows = list(SHARDS[world][rank])
+
+    def run(net, method, xs, ys, n):
+        z = net.encoder(xs)
+        zs = method.rotate(z)
+        outs = [h(zk) for h, zk in zip(net.heads, zs)]
+        losses = torch.stack([((o.squeeze(-1) - ys[:, k]) ** 2).mean() for k, o in enumerate(outs)])
+        extra = {} if n is None else {"num_samples": n}
+        return method.backward(
+            losses,
+            shared_params=list(net.encoder.parameters()),
+            features=z,
+            mode="features",
+            **extra,
+        )
+
+    torch.manual_seed(0)
+    reference = Net()
+    model = copy.deepcopy(reference)
+    ref_method = local(polytask.methods.create("rotograd", K, latent_size=3, burn_in_period=1))
+    method = distribute(
+        polytask.methods.create("rotograd", K, latent_size=3, burn_in_period=1), model
+    )
+    opts = [
+        torch.optim.Adam([*m.parameters(), *r.parameters()], lr=0.05)
+        for m, r in ((reference, ref_method), (model, method))
+    ]
+    for i in range(3):
+        for opt in opts:
+            opt.zero_grad()
+        run(reference, ref_method, x, y, None)
+        run(model, method, x[rows], y[rows], len(rows))
+        compare(f"rotograd step {i} grads", grads(reference), grads(model), failures)
+        compare(
+            f"rotograd step {i} rotation grads",
+            {n: p.grad for n, p in ref_method.named_parameters()},
+            {n: p.grad for n, p in method.named_parameters()},
+            failures,
+        )
+        for opt in opts:
+            opt.step()
+    compare("rotograd state", ref_method.state_dict(), method.state_dict(), failures)
+    return {"failures": failures, "params": {"rotograd": params(model)}}
 
 
 # -- the trainer ------------------------------------------------------------------------------
@@ -646,6 +725,7 @@ TRAINER_CASES = [
     ("famo", "params"),
     ("uw", "params"),
     ("auto_lambda", "params"),
+    ("sequential_reptile", "params"),
 ]
 
 
@@ -735,6 +815,7 @@ SCENARIOS: dict[str, Callable[[int, int], dict[str, Any]]] = {
     "trainer": trainer,
     "routed": routed,
     "meta": meta,
+    "rotograd": rotograd,
     "outside_ddp": outside_ddp,
     "ddp_overflow": ddp_overflow,
     "trainer_resume": trainer_resume,

@@ -146,18 +146,21 @@ def _run_parts(
     method: Any,
     parts: list[tuple[list[Tensor], list[Tensor], list[Tensor]]],
     wrapper: bool,
+    *,
+    own_global: bool,
 ) -> None:
     """The step's backward passes ``(outputs, cotangents, leaves)``, reduced over the ranks.
 
-    The cotangents carry this rank's share (n_r / N, times R where the wrapper averages). The
-    method's own parameters see only global values (the same gradient on every rank) and are
-    not reduced. With a wrapper (DDP, FSDP), the parameters it holds get an ordinary
-    backward that it reduces; under DDP any other parameter the losses reach (a loss
-    module's) is summed over the ranks by polytask (under FSDP every parameter the losses
-    reach must be in the FSDP module). Without one, polytask sums every gradient in one
-    all-reduce.
+    The cotangents carry this rank's share (n_r / N, times R where the wrapper averages).
+    With ``own_global`` (loss weightings), the method's own parameters see only global values
+    (the same gradient on every rank) and are not reduced; otherwise (RotoGrad's rotations, in
+    the model's graph) they are reduced like any parameter outside the wrapper. With a
+    wrapper (DDP, FSDP), the parameters it holds get an ordinary backward that it reduces;
+    under DDP any other parameter the losses reach (a loss module's) is summed over the ranks
+    by polytask (under FSDP every parameter the losses reach must be in the FSDP module).
+    Without one, polytask sums every gradient in one all-reduce.
     """
-    own = {id(p) for p in method.parameters()}
+    own = {id(p) for p in method.parameters()} if own_global else set()
     # DDP's graph reaches the module's own parameters, so the others can be told apart.
     # FSDP's reaches unsharded copies of its parameters: every leaf is taken as FSDP's.
     ddp = wrapper and sync.wrapper == "ddp"
@@ -231,7 +234,7 @@ def loss_backward(
             ([total], [torch.ones_like(total)], shared),
             ([head_total], [torch.ones_like(head_total)], task_leaves),
         ]
-    _run_parts(sync, method, parts, wrapper)
+    _run_parts(sync, method, parts, wrapper, own_global=True)
     return BackwardResult(weights=weights.detach(), extras={"global_losses": global_losses})
 
 
@@ -566,7 +569,7 @@ def _features_backward(
                 leaves_reached([features]),
             ),
         ]
-    _run_parts(sync, method, parts, wrapper)
+    _run_parts(sync, method, parts, wrapper, own_global=False)
     return _result(weights, hw, extras, extras.pop("_jac_norms", None), global_losses)
 
 

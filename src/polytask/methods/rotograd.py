@@ -119,12 +119,6 @@ class RotoGrad(GradientMethod):
         "Javaloy & Valera, RotoGrad: Gradient Homogenization in Multitask Learning, ICLR 2022"
     )
     modes: ClassVar[frozenset[str]] = frozenset({"features"})
-    distributable: ClassVar[bool] = False
-    not_distributable_because: ClassVar[str] = (
-        "its rotation step pairs each sample's representation with that sample's gradient, "
-        "and under polytask.distributed the representation stays on its rank; train RotoGrad "
-        "on one process"
-    )
     # With K copies of g every task gets the same unit vector: the update is K C g / ||g||.
     properties: ClassVar[frozenset[str]] = frozenset({"aligned_direction"})
 

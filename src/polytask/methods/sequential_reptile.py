@@ -66,6 +66,7 @@ class SequentialReptile(MetaMethod):
     )
     stochastic: ClassVar[bool] = True
     meta_step_replaces_step: ClassVar[bool] = True
+    meta_step_distributed: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -124,8 +125,14 @@ class SequentialReptile(MetaMethod):
         inner_lr: float | None = None,
         inner_optimizer: torch.optim.Optimizer | None = None,
         tasks: Sequence[int] | None = None,
+        num_samples: Sequence[float] | None = None,
     ) -> MetaStepResult:
-        """S sequential inner steps, then phi <- phi - outer_lr (phi - theta_S), in place."""
+        """S sequential inner steps, then phi <- phi - outer_lr (phi - theta_S), in place.
+
+        Under :func:`polytask.distributed.distribute` each inner batch is this rank's share
+        (``num_samples``: its sizes, one per inner batch; default equal shares) and each
+        inner gradient is the count-weighted mean over the ranks, so every rank follows the
+        trajectory of the whole batches. ``extras["inner_losses"]`` are this rank's."""
         owner = type(self).__name__
         check_inner_step(inner_lr, inner_optimizer, sgd_only=False)
         if val_batch is not None:
@@ -141,6 +148,11 @@ class SequentialReptile(MetaMethod):
         if steps == 0:
             raise ValueError(f"{owner}.meta_step got no inner batch (train_batch is empty)")
         order = self._tasks(tasks, steps)
+        if num_samples is not None and len(num_samples) != steps:
+            raise ValueError(
+                f"num_samples has {len(num_samples)} entries but train_batch has {steps} inner "
+                "batches; give this rank's sample count of each"
+            )
         _, params = trainable_parameters(model, owner)
         phi = [p.detach().clone() for p in params]
         inner_losses = []
@@ -148,7 +160,15 @@ class SequentialReptile(MetaMethod):
             what = f"train_batch[{s}]"
             loss = check_task_losses(loss_fn(model, batch), self.num_tasks, what)[task]
             inner_losses.append(float(loss.detach()))
-            if inner_optimizer is not None:
+            if self.sync is not None:
+                self._distributed_inner_step(
+                    loss,
+                    params,
+                    None if num_samples is None else num_samples[s],
+                    inner_lr,
+                    inner_optimizer,
+                )
+            elif inner_optimizer is not None:
                 inner_optimizer.zero_grad()
                 loss.backward()
                 inner_optimizer.step()
@@ -173,6 +193,33 @@ class SequentialReptile(MetaMethod):
                 "reptile_direction_norm": float(shift.norm()),
             },
         )
+
+    def _distributed_inner_step(
+        self,
+        loss: Tensor,
+        params: list[Tensor],
+        count: float | None,
+        inner_lr: float | None,
+        inner_optimizer: torch.optim.Optimizer | None,
+    ) -> None:
+        """One inner step on the global batch: the count-weighted mean of the ranks' gradients
+        (``.grad`` stays ``None`` where no rank's batch reached a parameter, as in one process)."""
+        from polytask.distributed.backward import reduce_backward
+
+        assert self.sync is not None
+        saved = [p.grad for p in params]
+        for p in params:
+            p.grad = None
+        reduce_backward(self.sync, loss, count)
+        if inner_optimizer is not None:
+            inner_optimizer.step()
+        else:
+            with torch.no_grad():
+                for p in params:
+                    if p.grad is not None:
+                        p.sub_(inner_lr * p.grad)
+        for p, g in zip(params, saved):
+            p.grad = g
 
     def _tasks(self, tasks: Sequence[int] | None, steps: int) -> Tensor:
         if tasks is None:

@@ -614,9 +614,13 @@ class Trainer:
             steps += [self._meta_batch() for _ in range(len(self.tasks) - 1)]
             if not isinstance(self.optimizer, torch.optim.SGD):
                 inner = {"inner_optimizer": self.optimizer}
+            if method.sync is not None:
+                inner["num_samples"] = [_batch_size(batch[0]) for batch in steps]
             method.meta_step(self.model, steps, None, self._meta_loss, **inner)
             with torch.no_grad():
                 now = self._meta_loss(self.model, (inputs, targets))
+            if method.sync is not None:
+                now = method.sync.mean_losses(now, _batch_size(inputs))
             return {"losses": now.detach()}
         val_batch = self._meta_batch()
         if method.sync is not None:

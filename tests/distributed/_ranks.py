@@ -172,6 +172,7 @@ def equivalence(
     failures: list[str],
     sync_kwargs: dict[str, Any] | None = None,
     count: bool = True,
+    hparams: dict[str, Any] | None = None,
 ) -> tuple[dict[str, torch.Tensor], Any]:
     """``steps`` steps of ``name`` on this rank's shard vs the reference on the whole batch."""
     cls = polytask.methods.get(name)
@@ -189,10 +190,11 @@ def equivalence(
 
         model = copy.deepcopy(reference)
         fully_shard(model)
-    ref_method = local(polytask.methods.create(name, K, seed=0))
+    hparams = hparams or {}
+    ref_method = local(polytask.methods.create(name, K, seed=0, **hparams))
     source = dist.get_rank(group) == 0
     # Other ranks start from other seeds: distribute copies the source rank's state.
-    method = polytask.methods.create(name, K, seed=0 if source else 1000 + rank)
+    method = polytask.methods.create(name, K, seed=0 if source else 1000 + rank, **hparams)
     if wrap == "plain" and source:
         model.load_state_dict(reference.state_dict())
     distribute(method, model, group=group, **(sync_kwargs or {}))
@@ -303,6 +305,20 @@ SEVERAL = [
 def several_steps(rank: int, world: int) -> dict[str, Any]:
     failures: list[str] = []
     finals = {}
+    # Nash-MTL solving every other step: the steps between reuse the weights (clipped by the
+    # global update's norm).
+    for mode in ("params", "features"):
+        for wrap in ("plain", "ddp"):
+            finals[f"nash_mtl/every2/{mode}/{wrap}"], _ = equivalence(
+                rank,
+                world,
+                "nash_mtl",
+                mode,
+                wrap=wrap,
+                steps=4,
+                failures=failures,
+                hparams={"update_weights_every": 2},
+            )
     for optimizer in ("sgd", "adam"):
         for name in SEVERAL:
             for mode in sorted(polytask.methods.get(name).modes):
@@ -412,10 +428,6 @@ def misuse(rank: int, world: int) -> dict[str, Any]:
     ddp = nn.parallel.DistributedDataParallel(Net())
     method = distribute(polytask.methods.create("pcgrad", K, seed=0), ddp)
     expect("ddp_params_synced", lambda: step(ddp, method, x[rows], y[rows], "params", {}, 4))
-    expect(
-        "nash_reuse",
-        lambda: distribute(polytask.methods.create("nash_mtl", K, update_weights_every=2)),
-    )
     # Features mode through DDP, but the forward bypasses the DDP module: DDP reduces nothing.
     bypassed = nn.parallel.DistributedDataParallel(Net())
     features_method = distribute(polytask.methods.create("mgda", K), bypassed)

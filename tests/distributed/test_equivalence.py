@@ -115,7 +115,6 @@ def test_misuse_raises_and_says_what_to_do() -> None:
     )
     assert "find_unused_parameters=True" in messages["find_unused_parameters"]
     assert "static_graph=True" in messages["static_graph"]
-    assert "update_weights_every=1" in messages["nash_reuse"]
     assert "every task" in messages["partial"]
     assert "did not go through the DDP module" in messages["ddp_bypassed"]
     assert "use mode='features' with FSDP" in messages["fsdp_params"]

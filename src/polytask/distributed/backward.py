@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from polytask.distributed.sync import DistributedSync
     from polytask.methods.base import BackwardResult, GradientMethod, LossMethod
 
-__all__ = ["gradient_backward", "loss_backward", "reduce_backward"]
+__all__ = ["fixed_weights_backward", "gradient_backward", "loss_backward", "reduce_backward"]
 
 
 def _count(ctx: dict[str, Any]) -> float:
@@ -595,4 +595,87 @@ def _result(
         gramian=g,
         extras=extras,
         head_weights=None if head_weights is None else head_weights.detach(),
+    )
+
+
+def fixed_weights_backward(
+    method: Any,
+    losses: Tensor,
+    shared: list[Tensor],
+    features: Tensor | None,
+    mode: str,
+    ctx: dict[str, Any],
+    weights: Tensor,
+    clip: Any,
+) -> BackwardResult:
+    """The step of sum_k a_k L_k with fixed weights ``a`` whose shared update is scaled by
+    ``clip(norm)`` of the global update's norm (Nash-MTL's steps between two solves); the
+    task-specific parameters take the unclipped gradient."""
+    from polytask.methods.base import BackwardResult
+
+    sync = method.sync
+    assert sync is not None
+    comm = sync.comm
+    scale = ctx.pop("loss_scale", None) or 1.0
+    n = _count(ctx)
+    payload = torch.cat([losses.detach().new_tensor([n]), n * losses.detach()])
+    comm.all_reduce(payload)
+    total_n = float(payload[0])
+    global_losses = payload[1:] / total_n
+    share = n / total_n
+    a = weights.detach().to(losses)
+    total = (a * losses).sum()
+    if mode == "features":
+        assert features is not None
+        wrapper = sync.reducer() == "wrapper"
+        # This rank's block of the global update w.r.t. the concatenated features.
+        (grad_f,) = torch.autograd.grad(share * total, features, retain_graph=True)
+        square = comm.all_reduce(grad_f.detach().double().pow(2).sum().reshape(1))
+        c = clip(float(square[0]) ** 0.5 / scale)
+        r = comm.world_size if wrapper else 1
+        parts = [
+            (
+                [total],
+                [torch.full_like(total, share * r)],
+                leaves_reached([losses], stop_at=[features]),
+            ),
+            ([features], [c * r * grad_f], leaves_reached([features])),
+        ]
+        _run_parts(sync, method, parts, wrapper, own_global=False)
+    else:
+        sync.check_params_mode(method)
+        heads = _canonical(sync, leaves_reached([losses], exclude=shared))
+        shared_ids = {id(p) for p in shared}
+        heads = [p for p in heads if id(p) not in shared_ids]
+        leaves = shared + heads
+        grads = _grads([total], [torch.full_like(total, share)], leaves)
+        ref = total.detach()
+        flags = ref.new_tensor([float(g is not None) for g in grads])
+        flat = torch.cat(
+            [flags]
+            + [
+                (g if g is not None else torch.zeros_like(p)).reshape(-1).to(ref.dtype)
+                for g, p in zip(grads, leaves)
+            ]
+        )
+        comm.all_reduce(flat)
+        t, offset = len(leaves), len(leaves)
+        shared_size = sum(p.numel() for p in shared)
+        c = clip(float(flat[t : t + shared_size].double().norm()) / scale)
+        for i, p in enumerate(leaves):
+            size = p.numel()
+            if float(flat[i]) > 0 or i < len(shared):
+                g = flat[offset : offset + size].view_as(p).to(p.dtype)
+                g = g * c if i < len(shared) else g
+                p.grad = g.clone() if p.grad is None else p.grad.add_(g)
+            offset += size
+    return BackwardResult(
+        weights=(c * a).detach(),
+        extras={
+            "reused_weights": True,
+            "nash_weights": a.detach(),
+            "clip_coef": c,
+            "global_losses": global_losses,
+        },
+        head_weights=a.detach(),
     )

@@ -172,15 +172,6 @@ class NashMTL(GramianMethod):
         self.step.add_(1)
         return result
 
-    def why_not_distributable(self) -> str | None:
-        if self.update_weights_every > 1:
-            return (
-                f"update_weights_every={self.update_weights_every} reuses weights through a "
-                "local backward that is not distributed yet; use update_weights_every=1 (the "
-                "paper's setting) under polytask.distributed"
-            )
-        return super().why_not_distributable()
-
     def _reuse_weights(
         self,
         losses: Tensor,
@@ -191,6 +182,13 @@ class NashMTL(GramianMethod):
     ) -> BackwardResult:
         """One backward pass of sum_k a_k L_k with the last weights, clipped like a fresh step."""
         losses, shared = self._validate(losses, shared, mode, features, ctx)
+        if self.sync is not None:
+            from polytask.distributed.backward import fixed_weights_backward
+
+            return fixed_weights_backward(
+                self, losses, shared, features, mode, ctx, self.last_weights, self._clip_factor
+            )
+        ctx.pop("num_samples", None)
         # Scaled losses (fp16 loss scaling) scale the gradients; the clip sees true norms.
         scale = ctx.pop("loss_scale", None) or 1.0
         a = self.last_weights.to(losses.detach())

@@ -728,6 +728,34 @@ def rotograd(rank: int, world: int) -> dict[str, Any]:
     return {"failures": failures, "params": {"rotograd": params(model)}}
 
 
+def sdmgrad_double_sampling(rank: int, world: int) -> dict[str, Any]:
+    """SDMGrad's xi_jacobians (Jacobians of two extra batches), each rank's shares reduced."""
+    failures: list[str] = []
+    x, y = data()
+    rows = list(SHARDS[world][rank])
+    g = torch.Generator().manual_seed(4)
+    extra = [(torch.randn(7, 5, generator=g), torch.randn(7, K, generator=g)) for _ in range(2)]
+
+    def jac(net, xs, ys):
+        _, outs = net(xs)
+        losses = torch.stack([((o.squeeze(-1) - ys[:, k]) ** 2).mean() for k, o in enumerate(outs)])
+        return polytask.autograd.jacobian(losses, list(net.encoder.parameters()))
+
+    torch.manual_seed(0)
+    reference = Net()
+    model = copy.deepcopy(reference)
+    ref_method = local(polytask.methods.create("sdmgrad", K, seed=0))
+    method = distribute(polytask.methods.create("sdmgrad", K, seed=0), model)
+    for i in range(2):
+        ref_xi = tuple(jac(reference, bx, by) for bx, by in extra)
+        xi = tuple(jac(model, bx[rows], by[rows]) for bx, by in extra)
+        res_ref, _ = step(reference, ref_method, x, y, "params", {"xi_jacobians": ref_xi}, None)
+        res, _ = step(model, method, x[rows], y[rows], "params", {"xi_jacobians": xi}, len(rows))
+        compare(f"sdmgrad xi step {i} weights", res_ref.weights, res.weights, failures)
+        compare(f"sdmgrad xi step {i} grads", grads(reference), grads(model), failures)
+    return {"failures": failures, "params": {}}
+
+
 # -- the trainer ------------------------------------------------------------------------------
 #: (method, mode) pairs the trainer runs under two ranks; the test compares each with a
 #: single-process trainer on the same data.
@@ -828,6 +856,7 @@ SCENARIOS: dict[str, Callable[[int, int], dict[str, Any]]] = {
     "routed": routed,
     "meta": meta,
     "rotograd": rotograd,
+    "sdmgrad_double_sampling": sdmgrad_double_sampling,
     "outside_ddp": outside_ddp,
     "ddp_overflow": ddp_overflow,
     "trainer_resume": trainer_resume,

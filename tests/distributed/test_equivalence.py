@@ -138,3 +138,7 @@ def test_meta_steps_of_auto_lambda_moml_and_sequential_reptile() -> None:
 
 def test_rotograd_with_the_heads_on_rotated_features() -> None:
     _check(launch("rotograd"))
+
+
+def test_sdmgrad_double_sampling_jacobians_are_reduced() -> None:
+    _check(launch("sdmgrad_double_sampling"))

@@ -43,13 +43,27 @@ def _count(ctx: dict[str, Any]) -> float:
     return 1.0 if n is None else float(n)
 
 
-def _reject_local_context(method: Any, ctx: dict[str, Any]) -> None:
-    if ctx.get("xi_jacobians") is not None:
+def _reduce_xi_jacobians(method: Any, ctx: dict[str, Any], mode: str) -> None:
+    """SDMGrad's Jacobians of two extra batches (this rank's shares, counted like the step's
+    batch): their count-weighted means over the ranks, in one all-reduce (params mode)."""
+    xi = ctx.get("xi_jacobians")
+    if xi is None:
+        return
+    if mode != "params":
         raise DistributedError(
-            f"{type(method).__name__}: xi_jacobians are this rank's Jacobians of extra "
-            "batches and are not reduced across ranks; leave them out under "
-            "polytask.distributed (SDMGrad then uses the step's own Jacobian)"
+            f"{type(method).__name__}: xi_jacobians in features mode are Jacobians w.r.t. "
+            "each rank's own samples, which polytask does not gather; use mode='params', or "
+            "leave them out (SDMGrad then uses the step's own Jacobian)"
         )
+    n = float(ctx.get("num_samples") or 1.0)
+    a, b = xi
+    flat = torch.cat([a.new_tensor([n]), n * a.reshape(-1), n * b.reshape(-1).to(a)])
+    method.sync.comm.all_reduce(flat)
+    total = flat[0]
+    ctx["xi_jacobians"] = (
+        (flat[1 : 1 + a.numel()] / total).view_as(a),
+        (flat[1 + a.numel() :] / total).view_as(b).to(b.dtype),
+    )
 
 
 # -- gradient reduction for the ``"polytask"`` reducer ------------------------------------
@@ -309,7 +323,7 @@ def gradient_backward(
     mode: str,
     ctx: dict[str, Any],
 ) -> BackwardResult:
-    _reject_local_context(method, ctx)
+    _reduce_xi_jacobians(method, ctx, mode)
     if mode == "params":
         return _params_backward(method, losses, shared, ctx)
     assert features is not None

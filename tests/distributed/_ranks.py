@@ -407,7 +407,7 @@ def payloads(rank: int, world: int) -> dict[str, Any]:
 
 def misuse(rank: int, world: int) -> dict[str, Any]:
     """Each wrong way is a DistributedError that says what to do."""
-    from polytask.errors import DistributedError
+    from polytask.errors import DistributedError, InvalidContextError
 
     x, y = data()
     rows = list(SHARDS[world][rank])
@@ -417,6 +417,8 @@ def misuse(rank: int, world: int) -> dict[str, Any]:
         try:
             action()
         except DistributedError as error:
+            messages[tag] = str(error)
+        except InvalidContextError as error:  # the same error as on one process
             messages[tag] = str(error)
         else:
             messages[tag] = "NO ERROR"
@@ -451,7 +453,8 @@ def misuse(rank: int, world: int) -> dict[str, Any]:
             flag,
             lambda m=flagged, f=flagged_method: step(m, f, x[rows], y[rows], "features", {}, 4),
         )
-    partial = distribute(polytask.methods.create("ew", K), plain)
+    # Task 1 is in no rank's batch, and UW has no partial steps.
+    partial = distribute(polytask.methods.create("uw", K), plain)
     present = torch.tensor([True, False, True])
     _, outs = plain(x[rows])
     losses = torch.stack([((o.squeeze(-1) - y[rows, k]) ** 2).mean() for k, o in enumerate(outs)])
@@ -756,6 +759,69 @@ def sdmgrad_double_sampling(rank: int, world: int) -> dict[str, Any]:
     return {"failures": failures, "params": {}}
 
 
+def partial(rank: int, world: int) -> dict[str, Any]:
+    """The ranks' batches hold different tasks (multi-input MTL, missing labels): rank 0's
+    samples carry tasks 0 and 1, rank 1's tasks 1 and 2 (then only 1). Each task's loss and
+    gradients are counted over the ranks that hold it; the step equals one process on the
+    whole batch (every method when every task is on some rank; the methods with partial
+    steps when task 2 is on none)."""
+    failures: list[str] = []
+    x, y = data()
+    rows = list(SHARDS[world][rank])
+
+    def masked_losses(outs, ys, mask):
+        terms = []
+        for k, o in enumerate(outs):
+            if bool(mask[:, k].any()):
+                err = (o.squeeze(-1) - ys[:, k]) ** 2
+                terms.append(err[mask[:, k]].mean())
+            else:
+                # A constant placeholder, as a multi-input loop has for a task without data
+                # in its batch: never read.
+                terms.append(torch.tensor(float("nan"), dtype=o.dtype))
+        return torch.stack(terms)
+
+    for case, tasks_of_rank1 in (("all tasks somewhere", [1, 2]), ("task 2 nowhere", [1])):
+        mask = torch.zeros(7, K, dtype=torch.bool)
+        mask[:4, [0, 1]] = True
+        mask[4:, tasks_of_rank1] = True
+        everywhere = bool(mask.any(0).all())
+        for name in _distributable():
+            cls = polytask.methods.get(name)
+            if cls.needs_meta_step or (not everywhere and not cls.partial_tasks):
+                continue
+            for mode in sorted(cls.modes):
+                torch.manual_seed(0)
+                reference = Net()
+                model = copy.deepcopy(reference)
+                ref_method = local(polytask.methods.create(name, K, seed=0))
+                method = distribute(polytask.methods.create(name, K, seed=0), model)
+                ctx = context_for(cls)
+                z, outs = reference(x)
+                ref_ctx = dict(ctx) if everywhere else {**ctx, "present": mask.any(0)}
+                res_ref = ref_method.backward(
+                    masked_losses(outs, y, mask),
+                    shared_params=list(reference.encoder.parameters()),
+                    features=z if mode == "features" else None,
+                    mode=mode,
+                    **ref_ctx,
+                )
+                z, outs = model(x[rows])
+                res = method.backward(
+                    masked_losses(outs, y[rows], mask[rows]),
+                    shared_params=list(model.encoder.parameters()),
+                    features=z if mode == "features" else None,
+                    mode=mode,
+                    present=mask[rows].any(0),
+                    num_samples=len(rows),
+                    **ctx,
+                )
+                tag = f"partial ({case}) {name}/{mode}"
+                compare(f"{tag} weights", res_ref.weights, res.weights, failures)
+                compare(f"{tag} grads", grads(reference), grads(model), failures)
+    return {"failures": failures, "params": {}}
+
+
 # -- the trainer ------------------------------------------------------------------------------
 #: (method, mode) pairs the trainer runs under two ranks; the test compares each with a
 #: single-process trainer on the same data.
@@ -856,6 +922,7 @@ SCENARIOS: dict[str, Callable[[int, int], dict[str, Any]]] = {
     "routed": routed,
     "meta": meta,
     "rotograd": rotograd,
+    "partial": partial,
     "sdmgrad_double_sampling": sdmgrad_double_sampling,
     "outside_ddp": outside_ddp,
     "ddp_overflow": ddp_overflow,

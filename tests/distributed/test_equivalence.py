@@ -71,39 +71,39 @@ def test_communication_payload_is_the_documented_one() -> None:
     # Every parameter of the model, after one reached-flag per parameter tensor (12).
     model = 12 + p + K * 4 + 4
     assert logs["mgda/params/plain/full"] == [
-        ("all_reduce", 1 + K + h + K * p),
+        ("all_reduce", 2 * K + h + K * p),
         ("broadcast", K),
     ]
     padded = -(-p // 2) * 2
     assert logs["mgda/params/plain/sharded"] == [
         ("reduce_scatter", K * padded),
-        ("all_reduce", 1 + K + h + K * K),
+        ("all_reduce", 2 * K + h + K * K),
         ("broadcast", K),
         ("all_gather", padded // 2),
     ]
-    assert logs["pcgrad/params/plain/auto"] == [("all_reduce", 1 + K + h + K * p)]
+    assert logs["pcgrad/params/plain/auto"] == [("all_reduce", 2 * K + h + K * p)]
     # Features mode: K x K with DDP reducing; a plain module adds one all-reduce of the step's
     # gradients.
     # The first step that DDP reduces adds the one-time check that it did (4 numbers).
     check = ("all_reduce", 4)
     assert logs["mgda/features/ddp/auto"] == [
-        ("all_reduce", 1 + K + K * K),
+        ("all_reduce", 2 * K + K * K),
         ("broadcast", K),
         check,
     ]
     assert logs["mgda/features/plain/auto"] == [
-        ("all_reduce", 1 + K + K * K),
+        ("all_reduce", 2 * K + K * K),
         ("broadcast", K),
         ("all_reduce", model),
     ]
     width = 4 * 3  # the widest rank's features: 4 samples x 3
     assert logs["pcgrad/features/ddp/auto"] == [
         ("all_gather", 1),
-        ("all_gather", 1 + K + (K + 1) * width),
+        ("all_gather", 2 * K + (K + 1) * width),
         check,
     ]
-    assert logs["uw/params/ddp/auto"] == [("all_reduce", 1 + K), check]
-    assert logs["uw/params/plain/auto"] == [("all_reduce", 1 + K), ("all_reduce", model)]
+    assert logs["uw/params/ddp/auto"] == [("all_reduce", 2 * K), check]
+    assert logs["uw/params/plain/auto"] == [("all_reduce", 2 * K), ("all_reduce", model)]
 
 
 def test_misuse_raises_and_says_what_to_do() -> None:
@@ -115,7 +115,7 @@ def test_misuse_raises_and_says_what_to_do() -> None:
     )
     assert "find_unused_parameters=True" in messages["find_unused_parameters"]
     assert "static_graph=True" in messages["static_graph"]
-    assert "every task" in messages["partial"]
+    assert "partial_tasks=True" in messages["partial"]
     assert "did not go through the DDP module" in messages["ddp_bypassed"]
     assert "use mode='features' with FSDP" in messages["fsdp_params"]
 
@@ -142,3 +142,7 @@ def test_rotograd_with_the_heads_on_rotated_features() -> None:
 
 def test_sdmgrad_double_sampling_jacobians_are_reduced() -> None:
     _check(launch("sdmgrad_double_sampling"))
+
+
+def test_ranks_holding_different_tasks() -> None:
+    _check(launch("partial"))

@@ -38,9 +38,17 @@ if TYPE_CHECKING:
 __all__ = ["fixed_weights_backward", "gradient_backward", "loss_backward", "reduce_backward"]
 
 
-def _count(ctx: dict[str, Any]) -> float:
+def _counts(ctx: dict[str, Any], losses: Tensor) -> Tensor:
+    """This rank's number of samples of each task [K] (``num_samples``: one number for
+    every task, or one per task; default 1: equal shares), in float64 on the losses' device."""
     n = ctx.pop("num_samples", None)
-    return 1.0 if n is None else float(n)
+    k = losses.shape[0]
+    like = losses.detach()
+    if n is None:
+        return torch.ones(k, dtype=torch.float64, device=like.device)
+    if isinstance(n, Tensor) and n.dim() == 1:
+        return n.detach().to(like.device, torch.float64)
+    return torch.full((k,), float(n), dtype=torch.float64, device=like.device)
 
 
 def _reduce_xi_jacobians(method: Any, ctx: dict[str, Any], mode: str) -> None:
@@ -55,14 +63,15 @@ def _reduce_xi_jacobians(method: Any, ctx: dict[str, Any], mode: str) -> None:
             "each rank's own samples, which polytask does not gather; use mode='params', or "
             "leave them out (SDMGrad then uses the step's own Jacobian)"
         )
-    n = float(ctx.get("num_samples") or 1.0)
     a, b = xi
-    flat = torch.cat([a.new_tensor([n]), n * a.reshape(-1), n * b.reshape(-1).to(a)])
+    k = a.shape[0]
+    n = _counts({"num_samples": ctx.get("num_samples")}, a[:, 0]).to(a.dtype)
+    flat = torch.cat([n, (n[:, None] * a).reshape(-1), (n[:, None] * b.to(a)).reshape(-1)])
     method.sync.comm.all_reduce(flat)
-    total = flat[0]
+    total = flat[:k, None]
     ctx["xi_jacobians"] = (
-        (flat[1 : 1 + a.numel()] / total).view_as(a),
-        (flat[1 + a.numel() :] / total).view_as(b).to(b.dtype),
+        flat[k : k + a.numel()].view_as(a) / total,
+        (flat[k + a.numel() :].view_as(a) / total).to(b.dtype),
     )
 
 
@@ -224,14 +233,15 @@ def loss_backward(
     sync = method.sync
     assert sync is not None
     scale = ctx.pop("loss_scale", None)
-    n = _count(ctx)
+    n = _counts(ctx, losses)
     comm = sync.comm
     _agree_on_context(sync, ctx, losses)
-    payload = torch.cat([losses.detach().new_tensor([n]), n * losses.detach()])
+    k = losses.shape[0]
+    payload = torch.cat([n, n * losses.detach().double()])
     comm.all_reduce(payload)
-    global_losses = payload[1:] / payload[0]
+    global_losses = (payload[k:] / payload[:k]).to(losses.dtype)
     wrapper = sync.reducer() == "wrapper"
-    c = n / float(payload[0]) * (comm.world_size if wrapper else 1)
+    c = (n / payload[:k] * (comm.world_size if wrapper else 1)).to(losses.dtype)
     # Value: the global losses; gradient: c x this rank's, so that the wrapper's mean (or
     # polytask's sum) over the ranks is the gradient of the global objective. The method's
     # own parameters (UW, IMTL-L) see only the global values: the same gradient everywhere.
@@ -277,18 +287,22 @@ class _TaskGrads:
             self.leaves = candidates + [p for p in reached if id(p) not in known]
         hit = {id(p) for p in reached}
         ref = losses.detach()
-        flags = ref.new_tensor([float(id(p) in hit) for p in self.leaves])
-        rows = engine(losses, self.leaves) if self.leaves else ref.new_zeros(len(ref), 0)
-        self.width = rows.shape[1]
-        self.flat = torch.cat([flags, rows.reshape(-1).to(ref.dtype)])
+        self.flags = ref.new_tensor([float(id(p) in hit) for p in self.leaves])
+        self.rows = engine(losses, self.leaves) if self.leaves else ref.new_zeros(len(ref), 0)
+        self.width = self.rows.shape[1]
 
-    def accumulate(self, reduced: Tensor, head_weights: Tensor) -> None:
-        """Write sum_k head_weights[k] x task k's reduced gradient into ``.grad`` of each
-        parameter that some rank reached."""
+    def payload(self, counts: Tensor) -> Tensor:
+        """[reached flags | counts[k] x task k's gradient rows], to be summed over ranks."""
+        rows = counts.to(self.rows.dtype)[:, None] * self.rows
+        return torch.cat([self.flags.to(rows.dtype), rows.reshape(-1)])
+
+    def accumulate(self, reduced: Tensor, totals: Tensor, head_weights: Tensor) -> None:
+        """Write sum_k head_weights[k] x task k's reduced gradient (its summed rows over the
+        summed counts ``totals``) into ``.grad`` of each parameter some rank reached."""
         t = len(self.leaves)
         if t == 0:
             return
-        rows = reduced[t:].view(-1, self.width)
+        rows = reduced[t:].view(-1, self.width) / totals.to(reduced)[:, None]
         combined = head_weights.detach().to(rows) @ rows
         offset = 0
         for p, flag in zip(self.leaves, (reduced[:t] > 0).tolist()):
@@ -340,7 +354,7 @@ def _params_backward(
     sync.check_params_mode(method)
     comm = sync.comm
     scale = ctx.pop("loss_scale", None)
-    n = _count(ctx)
+    n = _counts(ctx, losses)
     k = losses.shape[0]
     _agree_on_context(sync, ctx, losses)
     jac = method.engine(losses, shared)
@@ -358,15 +372,18 @@ def _params_backward(
             "Jacobian: use params_strategy='full' (or 'auto')"
         )
     dtype = jac.dtype
-    head = torch.cat([jac.new_tensor([n]), n * losses.detach().to(dtype), n * heads.flat.to(dtype)])
+    nd = n.to(dtype)
+    head_payload = heads.payload(nd)
+    h = head_payload.numel()
+    head = torch.cat([nd, nd * losses.detach().to(dtype), head_payload.to(dtype)])
     sizes = tuple(p.numel() for p in shared)
     if not sharded:
-        payload = torch.cat([head, (n * jac).reshape(-1)])
+        payload = torch.cat([head, (nd[:, None] * jac).reshape(-1)])
         comm.all_reduce(payload)
-        total_n = payload[0]
-        global_losses = payload[1 : 1 + k] / total_n
-        head_grads = payload[1 + k : 1 + k + heads.flat.numel()] / total_n
-        jac = payload[1 + k + heads.flat.numel() :].view(k, p_total) / total_n
+        totals = payload[:k]
+        global_losses = payload[k : 2 * k] / totals
+        head_grads = payload[2 * k : 2 * k + h]
+        jac = payload[2 * k + h :].view(k, p_total) / totals[:, None]
         if scale is not None:
             if not bool(torch.isfinite(jac).all()):
                 return _skip_step(shared, "params", None)
@@ -392,18 +409,18 @@ def _params_backward(
         world = comm.world_size
         padded = -(-p_total // world) * world
         block = torch.zeros(k, padded, dtype=dtype, device=jac.device)
-        block[:, :p_total] = n * jac
+        block[:, :p_total] = nd[:, None] * jac
         # Row-major [K, P'] scattered as R column blocks: transpose so each rank's shard is
         # a contiguous set of columns for every task.
         shards = block.view(k, world, padded // world).transpose(0, 1).reshape(-1)
         mine = comm.reduce_scatter(shards).view(k, padded // world)
         payload = torch.cat([head, (mine @ mine.T).reshape(-1)])
         comm.all_reduce(payload)
-        total_n = payload[0]
-        global_losses = payload[1 : 1 + k] / total_n
-        head_grads = payload[1 + k : 1 + k + heads.flat.numel()] / total_n
-        g = payload[1 + k + heads.flat.numel() :].view(k, k) / total_n**2
-        mine = mine / total_n
+        totals = payload[:k]
+        global_losses = payload[k : 2 * k] / totals
+        head_grads = payload[2 * k : 2 * k + h]
+        g = payload[2 * k + h :].view(k, k) / (totals[:, None] * totals[None, :])
+        mine = mine / totals[:, None]
         if scale is not None:
             if not bool(torch.isfinite(g).all()):
                 return _skip_step(shared, "params", None)
@@ -428,7 +445,7 @@ def _params_backward(
     head_weights = (
         hw if hw is not None else (weights if weights is not None else torch.ones(k, dtype=dtype))
     )
-    heads.accumulate(head_grads, head_weights)
+    heads.accumulate(head_grads, totals, head_weights)
     accumulate_grads(shared, direction if scale is None else direction * scale)
     norms = None if isinstance(extras.get("gramian"), Tensor) else jac.norm(dim=1)
     return _result(weights, hw, extras, norms, global_losses)
@@ -459,7 +476,7 @@ def _features_backward(
     assert sync is not None
     comm = sync.comm
     scale = ctx.pop("loss_scale", None)
-    n = _count(ctx)
+    n = _counts(ctx, losses)
     _agree_on_context(sync, ctx, losses)
     k = losses.shape[0]
     wrapper = sync.reducer() == "wrapper"
@@ -469,13 +486,14 @@ def _features_backward(
     if plain:
         g_local = method.engine.gramian(losses, [features])
         dtype = g_local.dtype
+        nd = n.to(dtype)
         payload = torch.cat(
-            [g_local.new_tensor([n]), n * losses.detach().to(dtype), (n * n * g_local).reshape(-1)]
+            [nd, nd * losses.detach().to(dtype), (nd[:, None] * nd[None, :] * g_local).reshape(-1)]
         )
         comm.all_reduce(payload)
-        total_n = payload[0]
-        global_losses = payload[1 : 1 + k] / total_n
-        g = payload[1 + k :].view(k, k) / total_n**2
+        totals = payload[:k]
+        global_losses = payload[k : 2 * k] / totals
+        g = payload[2 * k :].view(k, k) / (totals[:, None] * totals[None, :])
         if scale is not None:
             if not bool(torch.isfinite(g).all()):
                 return _skip(shared, features, losses, wrapper)
@@ -503,28 +521,29 @@ def _features_backward(
             torch.tensor([local_cols], dtype=torch.int64, device=jac.device)
         )
         width = int(sizes_all.max())
-        row = torch.zeros(1 + k + (k + 1) * width, dtype=dtype, device=jac.device)
-        row[0] = n
-        row[1 : 1 + k] = n * losses.detach().to(dtype)
-        row[1 + k : 1 + k + k * width].view(k, width)[:, :local_cols] = n * jac
-        row[1 + k + k * width : 1 + k + k * width + local_cols] = features.detach().reshape(-1)
+        nd = n.to(dtype)
+        row = torch.zeros(2 * k + (k + 1) * width, dtype=dtype, device=jac.device)
+        row[:k] = nd
+        row[k : 2 * k] = nd * losses.detach().to(dtype)
+        row[2 * k : 2 * k + k * width].view(k, width)[:, :local_cols] = nd[:, None] * jac
+        row[2 * k + k * width : 2 * k + k * width + local_cols] = features.detach().reshape(-1)
         gathered = comm.all_gather(row).view(world, -1)
-        total_n = gathered[:, 0].sum()
-        global_losses = gathered[:, 1 : 1 + k].sum(0) / total_n
+        totals = gathered[:, :k].sum(0)
+        global_losses = gathered[:, k : 2 * k].sum(0) / totals
         cols = [int(c) for c in sizes_all.tolist()]
         jac_all = (
             torch.cat(
                 [
-                    gathered[r, 1 + k : 1 + k + k * width].view(k, width)[:, : cols[r]]
+                    gathered[r, 2 * k : 2 * k + k * width].view(k, width)[:, : cols[r]]
                     for r in range(world)
                 ],
                 dim=1,
             )
-            / total_n
+            / totals[:, None]
         )
         global_features = (
             torch.cat(
-                [gathered[r, 1 + k + k * width : 1 + k + k * width + cols[r]] for r in range(world)]
+                [gathered[r, 2 * k + k * width : 2 * k + k * width + cols[r]] for r in range(world)]
             )
             .view(-1, *features.shape[1:])
             .to(features.dtype)
@@ -553,7 +572,7 @@ def _features_backward(
         weights, hw, extras = result.weights, result.head_weights, dict(result.extras)
         extras.setdefault("gramian", None)
         extras["_jac_norms"] = jac_all.norm(dim=1)
-    c = n / float(total_n) * (world if wrapper else 1)
+    c = (n / totals.to(n) * (world if wrapper else 1)).to(losses.dtype)
     head_weights = (
         hw if hw is not None else (weights if weights is not None else torch.ones(k, dtype=dtype))
     )
@@ -631,28 +650,24 @@ def fixed_weights_backward(
     assert sync is not None
     comm = sync.comm
     scale = ctx.pop("loss_scale", None) or 1.0
-    n = _count(ctx)
-    payload = torch.cat([losses.detach().new_tensor([n]), n * losses.detach()])
+    n = _counts(ctx, losses)
+    k = losses.shape[0]
+    payload = torch.cat([n, n * losses.detach().double()])
     comm.all_reduce(payload)
-    total_n = float(payload[0])
-    global_losses = payload[1:] / total_n
-    share = n / total_n
+    global_losses = (payload[k:] / payload[:k]).to(losses.dtype)
+    share = (n / payload[:k]).to(losses.dtype)
     a = weights.detach().to(losses)
-    total = (a * losses).sum()
+    total = (share * a * losses).sum()
     if mode == "features":
         assert features is not None
         wrapper = sync.reducer() == "wrapper"
         # This rank's block of the global update w.r.t. the concatenated features.
-        (grad_f,) = torch.autograd.grad(share * total, features, retain_graph=True)
+        (grad_f,) = torch.autograd.grad(total, features, retain_graph=True)
         square = comm.all_reduce(grad_f.detach().double().pow(2).sum().reshape(1))
         c = clip(float(square[0]) ** 0.5 / scale)
         r = comm.world_size if wrapper else 1
         parts = [
-            (
-                [total],
-                [torch.full_like(total, share * r)],
-                leaves_reached([losses], stop_at=[features]),
-            ),
+            ([losses], [r * share * a], leaves_reached([losses], stop_at=[features])),
             ([features], [c * r * grad_f], leaves_reached([features])),
         ]
         _run_parts(sync, method, parts, wrapper, own_global=False)
@@ -662,7 +677,7 @@ def fixed_weights_backward(
         shared_ids = {id(p) for p in shared}
         heads = [p for p in heads if id(p) not in shared_ids]
         leaves = shared + heads
-        grads = _grads([total], [torch.full_like(total, share)], leaves)
+        grads = _grads([total], [torch.ones_like(total)], leaves)
         ref = total.detach()
         flags = ref.new_tensor([float(g is not None) for g in grads])
         flat = torch.cat(

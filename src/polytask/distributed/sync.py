@@ -157,12 +157,20 @@ class DistributedSync:
             )
         self.verified = True
 
-    def mean_losses(self, losses: Tensor, num_samples: float | None) -> Tensor:
-        """The count-weighted mean of every rank's ``losses`` (detached), one all-reduce."""
-        n = 1.0 if num_samples is None else float(num_samples)
-        payload = torch.cat([losses.detach().new_tensor([n]), n * losses.detach()])
+    def mean_losses(self, losses: Tensor, num_samples: Any) -> Tensor:
+        """The count-weighted mean of every rank's ``losses`` (detached), one all-reduce;
+        ``num_samples``: this rank's count, one for every task or one per task."""
+        k = losses.shape[0]
+        like = losses.detach()
+        if num_samples is None:
+            n = torch.ones(k, dtype=torch.float64, device=like.device)
+        elif isinstance(num_samples, Tensor) and num_samples.dim() == 1:
+            n = num_samples.detach().to(like.device, torch.float64)
+        else:
+            n = torch.full((k,), float(num_samples), dtype=torch.float64, device=like.device)
+        payload = torch.cat([n, n * like.double()])
         self.comm.all_reduce(payload)
-        return payload[1:] / payload[0]
+        return (payload[k:] / payload[:k]).to(like.dtype)
 
 
 def rank_and_world() -> tuple[int, int]:

@@ -31,7 +31,6 @@ from torch import Tensor, nn
 from polytask.autograd import JacobianEngine, accumulate_grads, gramian, leaves_reached
 from polytask.distributed.sync import require_decision
 from polytask.errors import (
-    DistributedError,
     EmptyParametersError,
     InvalidContextError,
     InvalidHyperparameterError,
@@ -337,7 +336,15 @@ class Method(nn.Module):
         # Checked in place: the method body sees validated tensors (detached, right shape).
         ctx.update(check_context(ctx, self.needs, self.num_tasks, type(self).__name__))
         present = ctx.get("present")
-        if present is not None and not bool(present.all()) and not self.partial_tasks:
+        # Under polytask.distributed the step holds the tasks of every rank's batch, known
+        # after a reduction (see _distributed_partial_step).
+        local_only = self.sync is None
+        if (
+            present is not None
+            and not bool(present.all())
+            and not self.partial_tasks
+            and local_only
+        ):
             raise InvalidContextError(
                 f"{type(self).__name__} does not support steps with only some tasks "
                 f"(present={present.tolist()}); use a method with partial_tasks=True "
@@ -377,16 +384,12 @@ class Method(nn.Module):
         if ctx.get("present") is None:
             return None
         self._check_ctx(ctx)
+        if self.sync is not None:
+            return self._distributed_partial_step(losses, shared_params, features, mode, ctx)
         present = ctx["present"].to("cpu")
         if bool(present.all()):
             return None
         require_decision(self)
-        if self.sync is not None:
-            raise DistributedError(
-                f"{type(self).__name__}: steps with only some tasks (present="
-                f"{present.tolist()}) are not distributed yet (the ranks may hold different "
-                "tasks); sample every task in each step under polytask.distributed"
-            )
         ctx.pop("num_samples", None)
         index = present.nonzero().flatten()
         _check_present_losses(losses, index, self.num_tasks)
@@ -400,6 +403,73 @@ class Method(nn.Module):
         }
         result = self._partial_backward(
             losses, index, shared_params=shared_params, features=features, mode=mode, ctx=sub_ctx
+        )
+        result.extras["tasks"] = index
+        return result
+
+    def _distributed_partial_step(
+        self,
+        losses: Any,
+        shared_params: Any,
+        features: Tensor | None,
+        mode: str,
+        ctx: dict[str, Any],
+    ) -> BackwardResult:
+        """A step with ``present=`` under :func:`polytask.distributed.distribute`: the ranks'
+        batches may hold different tasks. The step is the method's step on the tasks present
+        on some rank, each task's losses and gradients counted over the ranks that hold it
+        (a rank's count of a task it lacks is 0, and its entry of ``losses`` is not read);
+        all ranks agree on the tasks after one all-reduce of K counts. Every rank must pass
+        ``present`` on such a step (the Trainer always does under a process group)."""
+        assert self.sync is not None
+        present = ctx.pop("present")
+        k = self.num_tasks
+        if not isinstance(losses, Tensor) or losses.shape != (k,):
+            check_losses(losses, k)  # raises, naming the problem
+        device = losses.device
+        number = ctx.pop("num_samples", None)
+        if isinstance(number, Tensor) and number.dim() == 1:
+            counts = number.to(device, torch.float64)
+        else:
+            counts = torch.full(
+                (k,), 1.0 if number is None else float(number), device=device, dtype=torch.float64
+            )
+        counts = counts * present.to(device)
+        totals = self.sync.comm.all_reduce(counts.clone())
+        index = (totals > 0).nonzero().flatten().cpu()
+        local = present.cpu()
+        _check_present_losses(losses, local.nonzero().flatten(), k)
+        if len(index) < self.min_tasks:
+            raise InvalidContextError(
+                f"{type(self).__name__} needs at least {self.min_tasks} tasks per step, but the "
+                f"ranks' batches hold {len(index)} (tasks {index.tolist()})"
+            )
+        zero = losses.detach().new_zeros(())
+        # A task this rank lacks enters with count 0: a constant, never differentiated.
+        stacked = torch.stack([losses[i] if bool(local[i]) else zero for i in index.tolist()])
+        sub_ctx = {key: _select_tasks(key, value, index) for key, value in ctx.items()}
+        sub_ctx["num_samples"] = counts[index.to(device)]
+        if len(index) == k:
+            return self.backward(
+                stacked, shared_params=shared_params, features=features, mode=mode, **sub_ctx
+            )
+        if not self.partial_tasks:
+            raise InvalidContextError(
+                f"{type(self).__name__} does not support steps with only some tasks (the "
+                f"ranks' batches hold tasks {index.tolist()} of {k}); use a method with "
+                "partial_tasks=True or sample every task in each step"
+            )
+        sub = self._subproblem(index)
+        result = sub.backward(
+            stacked, shared_params=shared_params, features=features, mode=mode, **sub_ctx
+        )
+        result = BackwardResult(
+            weights=None if result.weights is None else _scatter(result.weights, index, k),
+            gramian=result.gramian,
+            extras=result.extras,
+            head_weights=(
+                None if result.head_weights is None else _scatter(result.head_weights, index, k)
+            ),
         )
         result.extras["tasks"] = index
         return result
@@ -468,6 +538,7 @@ class Method(nn.Module):
         sub = type(self)(len(index), **hparams)
         sub.generator = self.generator
         sub.rank_local = self.rank_local
+        sub.sync = self.sync
         if isinstance(self, GradientMethod):
             sub.engine = self.engine  # type: ignore[attr-defined]
         buffer = next(self.buffers(), None)

@@ -109,7 +109,22 @@ def _check_loss_scale(value: Any, k: int) -> float:
     return float(value)
 
 
-def _check_num_samples(value: Any, k: int) -> float:
+def _check_num_samples(value: Any, k: int) -> float | Tensor:
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        value = torch.as_tensor(list(value), dtype=torch.float64)
+    if isinstance(value, Tensor) and value.dim() == 1:
+        if value.shape != (k,):
+            raise InvalidContextError(
+                f"num_samples as a tensor must have one count per task, shape ({k},), got "
+                f"{tuple(value.shape)}"
+            )
+        value = value.detach().to(torch.float64)
+        if not bool(torch.isfinite(value).all()) or bool((value < 0).any()):
+            raise InvalidContextError(
+                f"num_samples={value.tolist()} must be finite and non-negative (this rank's "
+                "number of samples of each task)"
+            )
+        return value
     if isinstance(value, Tensor) and value.numel() == 1:
         value = float(value)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -177,9 +192,9 @@ CONTEXT: dict[str, ContextKey] = {
         ),
         ContextKey(
             "num_samples",
-            "number > 0: how many samples this rank's losses average over; under "
-            "polytask.distributed each rank's losses and gradients count in proportion to it "
-            "(default: equal shares); ignored on one process",
+            "number > 0, or Tensor[K] >= 0 (one per task): how many samples this rank's "
+            "losses average over; under polytask.distributed each rank's losses and gradients "
+            "count in proportion to it (default: equal shares); ignored on one process",
             _check_num_samples,
             lambda k: 4,
         ),

@@ -159,6 +159,9 @@ class NashMTL(GramianMethod):
         mode: Mode = "params",
         **ctx: Any,
     ) -> BackwardResult:
+        partial = self._partial_step(losses, shared_params, features, mode, ctx)
+        if partial is not None:  # under polytask.distributed: the ranks' batches differ
+            return partial
         shared = check_shared_params(shared_params)
         fresh = int(self.step) % self.update_weights_every == 0
         if fresh:

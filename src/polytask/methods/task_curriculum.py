@@ -146,6 +146,9 @@ class TaskCurriculum(LossMethod):
         mode: Mode = "params",
         **ctx: Any,
     ) -> BackwardResult:
+        partial = self._partial_step(losses, shared_params, features, mode, ctx)
+        if partial is not None:
+            return partial
         losses, shared = self._validate(losses, shared_params, mode, features, ctx)
         if self.sync is not None:
             from polytask.distributed.backward import loss_backward

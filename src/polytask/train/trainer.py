@@ -442,7 +442,8 @@ class Trainer:
                 self.latest_val["metrics"][self.config.kpi_metrics[t]] for t in self.tasks.names
             ]
             ctx["kpis"] = torch.tensor(values)
-        if not bool(present.all()):
+        if not bool(present.all()) or self.method.sync is not None:
+            # Under a process group every rank passes it: another rank's batch may lack a task.
             ctx["present"] = present
         if self.context_fn is not None:
             extra = self.context_fn(inputs, targets, outputs)

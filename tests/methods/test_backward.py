@@ -211,3 +211,36 @@ def test_ew_fixed_weights():
         polytask.methods.create("ew", 2, weights=[1.0, -1.0])
     with pytest.raises(ValueError, match="expected num_tasks=2"):
         polytask.methods.create("ew", 2, weights=[1.0])
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        (0, "positive"),
+        (-3.0, "positive"),
+        (True, "a number"),
+        (torch.tensor([1.0, 2.0]), r"shape \(3,\)"),
+        (torch.tensor([1.0, -1.0, 2.0]), "non-negative"),
+        ([1.0, float("nan"), 2.0], "finite"),
+    ],
+)
+def test_num_samples_is_checked(value, message):
+    problem = tiny_problem(3, seed=0)
+    losses, _ = problem.forward()
+    method = polytask.methods.create("ew", 3)
+    with pytest.raises(InvalidContextError, match=message):
+        method.backward(losses, shared_params=problem.shared(), num_samples=value)
+
+
+def test_num_samples_is_ignored_on_one_process():
+    problem = tiny_problem(3, seed=0)
+    expected = []
+    for counts in (None, 7, torch.tensor([1.0, 0.0, 5.0])):
+        problem.zero_grad()
+        losses, _ = problem.forward()
+        extra = {} if counts is None else {"num_samples": counts}
+        polytask.methods.create("mgda", 3).backward(losses, shared_params=problem.shared(), **extra)
+        expected.append([p.grad.clone() for p in problem.shared()])
+    for grads in expected[1:]:
+        for a, b in zip(expected[0], grads):
+            assert torch.equal(a, b)

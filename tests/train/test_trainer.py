@@ -178,6 +178,33 @@ def test_optimizer_must_hold_method_parameters():
         )
 
 
+def test_method_parameters_created_at_the_first_step_are_an_error():
+    # RotoGrad without latent_size builds its rotations at its first backward, after the
+    # optimizer: they would never train.
+    t = Trainer(
+        TinyNet(),
+        tiny_tasks(),
+        polytask.methods.create("rotograd", 2),
+        lambda params: torch.optim.SGD(params, lr=0.1),
+        TwoTaskData(8, 0),
+        TwoTaskData(8, 1),
+        config=TrainConfig(epochs=1, batch_size=4, mode="features", select="loss"),
+    )
+    with pytest.warns(UserWarning, match="RotoGrad created its rotations"):
+        with pytest.raises(ValueError, match="latent_size"):
+            t.fit()
+    fine = Trainer(
+        TinyNet(),
+        tiny_tasks(),
+        polytask.methods.create("rotograd", 2, latent_size=16),
+        lambda params: torch.optim.SGD(params, lr=0.1),
+        TwoTaskData(8, 0),
+        TwoTaskData(8, 1),
+        config=TrainConfig(epochs=1, batch_size=4, mode="features", select="loss"),
+    )
+    fine.fit()
+
+
 @pytest.mark.parametrize("method", ["auto_lambda", "moml"])
 def test_meta_methods_learn_their_weights_in_the_trainer(method, tmp_path):
     t = make_trainer(method, tmp_path / "a", epochs=1)

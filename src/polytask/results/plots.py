@@ -68,13 +68,17 @@ def render_plots(table: Table, store: ResultsStore, out_dir: str | Path) -> list
 
 
 class _Style:
-    """A colour per method label (tab10, tab20 beyond 10) and a marker per architecture."""
+    """A colour per method label (tab10, tab20 beyond 10), a line style per block of 20 labels
+    (so that 34 methods stay distinguishable) and a marker per architecture."""
 
     def __init__(self, table: Table) -> None:
         self.archs = list(dict.fromkeys(row.arch for row in table.rows))
         labels = list(dict.fromkeys(row.label for row in table.method_rows))
         cmap = colormaps["tab10" if len(labels) <= 10 else "tab20"]
         self.color = {label: to_hex(cmap(i % cmap.N)) for i, label in enumerate(labels)}
+        self.dash = {label: ("-", "--", ":")[(i // cmap.N) % 3] for i, label in enumerate(labels)}
+        #: Hollow markers for the labels whose colour an earlier label already has.
+        self.hollow = {label: i >= cmap.N for i, label in enumerate(labels)}
         self.marker = {arch: _MARKERS[i % len(_MARKERS)] for i, arch in enumerate(self.archs)}
         self.several_archs = len(self.archs) > 1
 
@@ -148,7 +152,9 @@ def _curves(table: Table, arch: str, history: _History, style: _Style, out: Path
     drawn = False
     for ax, metric in zip(axes, metrics):
         task = metric.split("/", 1)[0]
-        lines = [(row.label, row.runs, style.color[row.label], "-") for row in rows]
+        lines = [
+            (row.label, row.runs, style.color[row.label], style.dash[row.label]) for row in rows
+        ]
         own = [r for r in stl_runs if r.hparams.get("task") == task]
         lines.append(("STL (single-task)", own, "black", "--"))
         for label, runs, color, linestyle in lines:
@@ -195,7 +201,7 @@ def _weights(table: Table, arch: str, history: _History, style: _Style, out: Pat
     nrows, ncols = _grid(len(panels))
     fig = Figure(figsize=(4.0 * ncols + 1.6, 3.0 * nrows + 0.6), layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
-    cmap = colormaps["tab10"]
+    cmap = colormaps["tab10" if len(tasks) <= 10 else "tab20"]
     for ax, (row, series) in zip(axes, panels):
         width = len(next(iter(series.values()))[0])
         names = tasks if width == len(tasks) else [f"task {k}" for k in range(width)]
@@ -277,17 +283,20 @@ def _pareto(table: Table, style: _Style, out: Path) -> list[Plot]:
         return []
     metrics = [next(m for m in table.directions if m.split("/", 1)[0] == t) for t in tasks]
     higher = [table.directions[m] for m in metrics]
-    fig = Figure(figsize=(8.4, 5.2), layout="constrained")
+    # A two-column legend beside the axes when there are many methods.
+    fig = Figure(figsize=(11.5 if len(style.color) > 20 else 8.4, 5.2), layout="constrained")
     ax = fig.subplots()
     points: list[tuple[float, float]] = []
     for row in table.method_rows:
         xy = [(run.test[metrics[0]], run.test[metrics[1]]) for run in row.runs]
         xy = [p for p in xy if math.isfinite(p[0]) and math.isfinite(p[1])]  # diverged runs
         points += xy
+        color = style.color[row.label]
         ax.scatter(
             [p[0] for p in xy],
             [p[1] for p in xy],
-            color=style.color[row.label],
+            facecolors="none" if style.hollow[row.label] else color,
+            edgecolors=color,
             marker=style.marker[row.arch],
             s=36,
             zorder=3,
@@ -311,9 +320,12 @@ def _pareto(table: Table, style: _Style, out: Path) -> list[Plot]:
     ax.grid(alpha=0.3)
     ax.ticklabel_format(useOffset=False)
     handles = [
-        Line2D([], [], color=color, marker="o", linestyle="", label=label)
+        Line2D(
+            [], [], color=color, marker="o", linestyle="", label=label,
+            markerfacecolor="none" if style.hollow[label] else color,
+        )
         for label, color in style.color.items()
-    ]
+    ]  # fmt: skip
     if style.several_archs:
         handles += [
             Line2D([], [], color="0.4", marker=marker, linestyle="", label=arch)
@@ -332,7 +344,9 @@ def _pareto(table: Table, style: _Style, out: Path) -> list[Plot]:
                 linestyle="", label="STL (single-task, mean over seeds)",
             )
         )  # fmt: skip
-    fig.legend(handles=handles, loc="outside right upper", fontsize=9)
+    many = len(handles) > 24
+    fig.legend(handles=handles, loc="outside right upper", fontsize=8 if many else 9,
+               ncols=2 if many else 1)  # fmt: skip
     title = f"{table.title}: test metrics per run, the non-dominated runs circled"
     ax.set_title(title, fontsize=10)
     return [_save(fig, out, f"{table.slug}_pareto", title)]

@@ -290,6 +290,7 @@ class Trainer:
         self.optimizer = optimizer(params)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
         self._check_optimizer_holds(own)
+        self._method_params_checked = False
         self.scheduler = scheduler(self.optimizer) if scheduler is not None else None
         self._shared_fn = shared_params
         self.baselines = baselines
@@ -390,7 +391,9 @@ class Trainer:
         if missing:
             raise ValueError(
                 f"the optimizer does not hold the method's parameters of shapes {missing}; "
-                "build it from the params the trainer passes to optimizer(params)"
+                "build it from the params the trainer passes to optimizer(params), and create "
+                "the method with every size it needs (RotoGrad: latent_size=<the size of the "
+                "shared representation>) so that its parameters exist before training"
             )
 
     def shared_params(self) -> list[nn.Parameter]:
@@ -536,6 +539,11 @@ class Trainer:
             result = self.method.backward(
                 losses, shared_params=shared, features=features, mode=self.config.mode, **ctx
             )
+        if not self._method_params_checked and not self.method.needs_meta_step:
+            # A method may create its parameters at its first step (RotoGrad without
+            # latent_size): an optimizer built before would silently never train them.
+            self._check_optimizer_holds(list(self.method.parameters()))
+            self._method_params_checked = True
         aux = self.model.aux_loss() if hasattr(self.model, "aux_loss") else None
         if aux is not None:
             self._backward_term(aux * scale, n_local)

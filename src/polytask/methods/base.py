@@ -216,6 +216,18 @@ def _scatter(values: Tensor, index: Tensor, k: int) -> Tensor:
     return out.index_copy(0, index.to(values.device), values.detach())
 
 
+def _scattered(result: BackwardResult, index: Tensor, k: int) -> BackwardResult:
+    """A sub-problem's result on the tasks ``index`` as a K-task result (0 elsewhere)."""
+    return BackwardResult(
+        weights=None if result.weights is None else _scatter(result.weights, index, k),
+        gramian=result.gramian,
+        extras=result.extras,
+        head_weights=(
+            None if result.head_weights is None else _scatter(result.head_weights, index, k)
+        ),
+    )
+
+
 def _check_present_losses(losses: Any, index: Tensor, num_tasks: int) -> None:
     # The usual shape checks; finiteness only for present tasks, named by their own index.
     if not isinstance(losses, Tensor) or losses.dim() != 1 or losses.shape[0] != num_tasks:
@@ -463,14 +475,7 @@ class Method(nn.Module):
         result = sub.backward(
             stacked, shared_params=shared_params, features=features, mode=mode, **sub_ctx
         )
-        result = BackwardResult(
-            weights=None if result.weights is None else _scatter(result.weights, index, k),
-            gramian=result.gramian,
-            extras=result.extras,
-            head_weights=(
-                None if result.head_weights is None else _scatter(result.head_weights, index, k)
-            ),
-        )
+        result = _scattered(result, index, k)
         result.extras["tasks"] = index
         return result
 
@@ -499,15 +504,7 @@ class Method(nn.Module):
             mode=mode,
             **ctx,
         )
-        k = self.num_tasks
-        return BackwardResult(
-            weights=None if result.weights is None else _scatter(result.weights, index, k),
-            gramian=result.gramian,
-            extras=result.extras,
-            head_weights=(
-                None if result.head_weights is None else _scatter(result.head_weights, index, k)
-            ),
-        )
+        return _scattered(result, index, self.num_tasks)
 
     def _subproblem(self, index: Tensor) -> Method:
         """This method on the tasks ``index`` only: same class and hyper-parameters (per-task

@@ -817,6 +817,8 @@ def partial(rank: int, world: int) -> dict[str, Any]:
                     **ctx,
                 )
                 tag = f"partial ({case}) {name}/{mode}"
+                if res.extras["global_losses"].shape != (K,):
+                    failures.append(f"{tag}: global_losses {res.extras['global_losses'].shape}")
                 compare(f"{tag} weights", res_ref.weights, res.weights, failures)
                 compare(f"{tag} grads", grads(reference), grads(model), failures)
     return {"failures": failures, "params": {}}

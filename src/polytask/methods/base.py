@@ -477,6 +477,9 @@ class Method(nn.Module):
         )
         result = _scattered(result, index, k)
         result.extras["tasks"] = index
+        if isinstance(result.extras.get("global_losses"), Tensor):
+            # K entries, 0 for the tasks no rank holds (a loop's placeholder losses).
+            result.extras["global_losses"] = _scatter(result.extras["global_losses"], index, k)
         return result
 
     def _partial_backward(

@@ -1,10 +1,11 @@
 """Per-epoch averages of the task losses, for the methods that reweight once per epoch.
 
-DWA and LSB set their weights at the start of an epoch from the average training losses of
-the previous epochs (Liu et al., CVPR 2019: ``avg_cost`` in the official MTAN code). The
-training loop passes ``epoch=`` to every ``backward``; :class:`EpochLossAverages` adds each
-step's (detached) losses to a running sum and, at the first step of a new epoch, turns the
-sum into that epoch's average and keeps the two most recent averages.
+DWA, LSB and TaskCurriculum set their weights at the start of an epoch from the average
+training losses of the previous epochs (Liu et al., CVPR 2019: ``avg_cost`` in the official
+MTAN code). The training loop passes ``epoch=`` to every ``backward``;
+:class:`EpochLossAverages` adds each step's (detached) losses to a running sum and, at the
+first step of a new epoch, turns the sum into that epoch's average and keeps the two most
+recent averages.
 """
 
 from __future__ import annotations
@@ -33,8 +34,10 @@ class EpochLossAverages(nn.Module):
     Python integers kept in the module's extra state, so ``state_dict`` round-trips them.
     """
 
-    def __init__(self, num_tasks: int) -> None:
+    def __init__(self, num_tasks: int, *, positive: bool = True) -> None:
         super().__init__()
+        #: Whether the averages must be positive (DWA and LSB divide by them).
+        self.positive = positive
         self.register_buffer("running_sum", torch.zeros(num_tasks, dtype=torch.float64))
         self.register_buffer("averages", torch.zeros(2, num_tasks, dtype=torch.float64))
         self.epoch = -1
@@ -52,8 +55,8 @@ class EpochLossAverages(nn.Module):
     def observe(self, losses: Tensor, epoch: int, owner: str) -> bool:
         """Add one step's ``losses`` to ``epoch``; return whether a previous epoch just ended.
 
-        When it returns ``True``, ``averages`` holds the new averages; they are checked to be
-        positive (both methods divide by them) and a non-positive one raises
+        When it returns ``True``, ``averages`` holds the new averages; with ``positive`` they
+        are checked to be positive (DWA and LSB divide by them) and a non-positive one raises
         :class:`~polytask.errors.InvalidLossesError` naming ``owner`` and the task.
         """
         if epoch < self.epoch:
@@ -69,7 +72,7 @@ class EpochLossAverages(nn.Module):
             if self.steps > 0:
                 average = self.running_sum / self.steps
                 # Once per epoch, before any state changes: the methods divide by these.
-                if not bool((average > 0).all()):
+                if self.positive and not bool((average > 0).all()):
                     bad = [i for i, v in enumerate(average.tolist()) if not v > 0]
                     raise InvalidLossesError(
                         f"{owner} needs positive task losses, but the average loss of task(s) "

@@ -10,7 +10,8 @@ import torch
 from torch import Tensor
 
 from polytask.autograd import leaves_reached
-from polytask.errors import InvalidContextError, InvalidHyperparameterError
+from polytask.errors import InvalidHyperparameterError
+from polytask.methods._epoch_losses import EpochLossAverages
 from polytask.methods.base import BackwardResult, LossMethod, Mode
 from polytask.methods.registry import register
 
@@ -118,23 +119,25 @@ class TaskCurriculum(LossMethod):
             "task_weights", torch.full((num_tasks,), 1.0 / num_tasks, dtype=torch.float64)
         )
         self.register_buffer("current_pace", torch.tensor(self.pace, dtype=torch.float64))
-        self.register_buffer("running_sum", torch.zeros(num_tasks, dtype=torch.float64))
-        self.epoch = -1
-        self.steps = 0
+        # The losses may have any sign here: tau is a softmax, nothing divides by them.
+        self.history = EpochLossAverages(num_tasks, positive=False)
         self.updates = 0
 
+    @property
+    def epoch(self) -> int:
+        """The epoch of the latest step (-1 before the first)."""
+        return self.history.epoch
+
+    @property
+    def steps(self) -> int:
+        """Steps taken so far in that epoch."""
+        return self.history.steps
+
     def get_extra_state(self) -> dict[str, Any]:
-        return {
-            **super().get_extra_state(),
-            "epoch": self.epoch,
-            "steps": self.steps,
-            "updates": self.updates,
-        }
+        return {**super().get_extra_state(), "updates": self.updates}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         super().set_extra_state(state)
-        self.epoch = int(state["epoch"])
-        self.steps = int(state["steps"])
         self.updates = int(state["updates"])
 
     def backward(  # type: ignore[override]
@@ -170,26 +173,13 @@ class TaskCurriculum(LossMethod):
         return BackwardResult(weights=tau.detach(), head_weights=torch.ones_like(tau.detach()))
 
     def objective(self, losses: Tensor, **ctx: Any) -> tuple[Tensor, Tensor]:
-        epoch = ctx["epoch"]
-        if epoch < self.epoch:
-            raise InvalidContextError(
-                f"TaskCurriculum: epoch={epoch} is earlier than the epoch of the previous step "
-                f"({self.epoch}); pass the training loop's epoch counter, which never decreases "
-                "(restore the method's state_dict together with the model when resuming)"
-            )
         if self.task_weights.device != losses.device:
             self.to(losses.device)
-        if epoch > self.epoch:
-            if self.steps > 0:
-                average = self.running_sum / self.steps
-                self.task_weights.copy_(self_paced_task_weights(average, self.current_pace))
-                self.current_pace.mul_(self.growth)
-                self.updates += 1
-            self.running_sum.zero_()
-            self.steps = 0
-            self.epoch = epoch
-        self.running_sum.add_(losses.detach().to(self.running_sum.dtype))
-        self.steps += 1
+        if self.history.observe(losses, ctx["epoch"], type(self).__name__):
+            average = self.history.averages[0]
+            self.task_weights.copy_(self_paced_task_weights(average, self.current_pace))
+            self.current_pace.mul_(self.growth)
+            self.updates += 1
         # A copy: the reported weights must not change when the buffer is next updated.
         w = self.task_weights.to(losses.dtype, copy=True)
         return (w * losses).sum(), w

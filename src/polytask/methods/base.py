@@ -596,6 +596,10 @@ class LossMethod(Method):
     """A method that maps the losses to one scalar objective (one backward pass)."""
 
     family: ClassVar[Family] = "loss"
+    #: Whether the task-specific parameters (those ``losses`` reach outside
+    #: ``shared_params``) take their task's unweighted gradient, the objective's gradient
+    #: going to the shared parameters only (TaskCurriculum; ``head_weights`` are then ones).
+    unweighted_heads: ClassVar[bool] = False
 
     def objective(self, losses: Tensor, **ctx: Any) -> tuple[Tensor, Tensor]:
         """Return (scalar objective to backpropagate, effective weights [K])."""
@@ -613,17 +617,31 @@ class LossMethod(Method):
         partial = self._partial_step(losses, shared_params, features, mode, ctx)
         if partial is not None:
             return partial
-        losses, _ = self._validate(losses, shared_params, mode, features, ctx)
+        losses, shared = self._validate(losses, shared_params, mode, features, ctx)
         if self.sync is not None:
             from polytask.distributed.backward import loss_backward
 
-            return loss_backward(self, losses, ctx)
-        ctx.pop("num_samples", None)
-        scale = ctx.pop("loss_scale", None)
-        # The objective sees the true losses; its gradient flows scaled through the network.
-        total, weights = self.objective(losses if scale is None else losses / scale, **ctx)
-        (total if scale is None else total * scale).backward()
-        return BackwardResult(weights=weights.detach())
+            result = loss_backward(
+                self, losses, ctx, shared=shared if self.unweighted_heads else None
+            )
+        else:
+            ctx.pop("num_samples", None)
+            scale = ctx.pop("loss_scale", None)
+            # The objective sees the true losses; its gradient flows scaled through the network.
+            total, weights = self.objective(losses if scale is None else losses / scale, **ctx)
+            total = total if scale is None else total * scale
+            if self.unweighted_heads:
+                task_leaves = leaves_reached([losses], exclude=shared)
+                total.backward(inputs=shared, retain_graph=bool(task_leaves))
+                if task_leaves:
+                    # The losses carry the scale already.
+                    losses.sum().backward(inputs=task_leaves)
+            else:
+                total.backward()
+            result = BackwardResult(weights=weights.detach())
+        if self.unweighted_heads:
+            result.head_weights = torch.ones_like(result.weights)
+        return result
 
     def _partial_backward(
         self,

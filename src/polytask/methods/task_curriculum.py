@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from polytask.autograd import leaves_reached
 from polytask.errors import InvalidHyperparameterError
 from polytask.methods._epoch_losses import EpochLossAverages
-from polytask.methods.base import BackwardResult, LossMethod, Mode
+from polytask.methods.base import LossMethod
 from polytask.methods.registry import register
 
 __all__ = ["TaskCurriculum", "self_paced_task_weights"]
@@ -108,6 +106,7 @@ class TaskCurriculum(LossMethod):
         "Murugesan & Carbonell, Self-Paced Multitask Learning with Shared Knowledge, IJCAI 2017"
     )
     needs: ClassVar[frozenset[str]] = frozenset({"epoch"})
+    unweighted_heads: ClassVar[bool] = True
 
     def __init__(
         self, num_tasks: int, *, pace: float = 1.0, growth: float = 1.1, **kwargs: Any
@@ -139,38 +138,6 @@ class TaskCurriculum(LossMethod):
     def set_extra_state(self, state: dict[str, Any]) -> None:
         super().set_extra_state(state)
         self.updates = int(state["updates"])
-
-    def backward(  # type: ignore[override]
-        self,
-        losses: Tensor,
-        *,
-        shared_params: Iterable[Tensor],
-        features: Tensor | None = None,
-        mode: Mode = "params",
-        **ctx: Any,
-    ) -> BackwardResult:
-        partial = self._partial_step(losses, shared_params, features, mode, ctx)
-        if partial is not None:
-            return partial
-        losses, shared = self._validate(losses, shared_params, mode, features, ctx)
-        if self.sync is not None:
-            from polytask.distributed.backward import loss_backward
-
-            result = loss_backward(self, losses, ctx, shared=shared)
-            result.head_weights = torch.ones_like(result.weights)
-            return result
-        ctx.pop("num_samples", None)
-        scale = ctx.pop("loss_scale", None)
-        # tau comes from the true losses; the gradients flow scaled, as GradScaler expects.
-        _, tau = self.objective(losses if scale is None else losses / scale, **ctx)
-        task_leaves = leaves_reached([losses], exclude=shared)
-        torch.autograd.backward(
-            losses, grad_tensors=tau.detach(), inputs=shared, retain_graph=bool(task_leaves)
-        )
-        if task_leaves:
-            ones = torch.ones_like(losses)
-            torch.autograd.backward(losses, grad_tensors=ones, inputs=task_leaves)
-        return BackwardResult(weights=tau.detach(), head_weights=torch.ones_like(tau.detach()))
 
     def objective(self, losses: Tensor, **ctx: Any) -> tuple[Tensor, Tensor]:
         if self.task_weights.device != losses.device:

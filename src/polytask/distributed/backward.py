@@ -86,14 +86,17 @@ def _grads(outputs: list[Tensor], cotangents: list[Tensor], leaves: list[Tensor]
     )
 
 
-def _canonical(sync: DistributedSync, leaves: list[Tensor]) -> list[Tensor]:
-    """The model's trainable parameters in their fixed order, then the other ``leaves``: the
-    same list on every rank even where a rank's graph skips a parameter (an expert no
-    sample of its batch was routed to)."""
+def _canonical(
+    sync: DistributedSync, leaves: list[Tensor], exclude: list[Tensor] = ()
+) -> list[Tensor]:
+    """The model's trainable parameters in their fixed order, then the other ``leaves``, less
+    ``exclude``: the same list on every rank even where a rank's graph skips a parameter (an
+    expert no sample of its batch was routed to)."""
+    skip = {id(p) for p in exclude}
     if sync.model is None:
-        return leaves
-    params = [p for p in sync.model.parameters() if p.requires_grad]
-    known = {id(p) for p in params}
+        return [p for p in leaves if id(p) not in skip]
+    params = [p for p in sync.model.parameters() if p.requires_grad and id(p) not in skip]
+    known = {id(p) for p in params} | skip
     return params + [p for p in leaves if id(p) not in known]
 
 
@@ -274,17 +277,11 @@ class _TaskGrads:
     those this rank's graph reaches, which must then be the same on every rank.
     """
 
-    def __init__(self, engine: Any, losses: Tensor, shared: list[Tensor], model: Any) -> None:
+    def __init__(
+        self, engine: Any, losses: Tensor, shared: list[Tensor], sync: DistributedSync
+    ) -> None:
         reached = leaves_reached([losses], exclude=shared)
-        if model is None:
-            self.leaves = reached
-        else:
-            shared_ids = {id(p) for p in shared}
-            candidates = [
-                p for p in model.parameters() if p.requires_grad and id(p) not in shared_ids
-            ]
-            known = {id(p) for p in candidates}
-            self.leaves = candidates + [p for p in reached if id(p) not in known]
+        self.leaves = _canonical(sync, reached, exclude=shared)
         hit = {id(p) for p in reached}
         ref = losses.detach()
         self.flags = ref.new_tensor([float(id(p) in hit) for p in self.leaves])
@@ -358,7 +355,7 @@ def _params_backward(
     k = losses.shape[0]
     _agree_on_context(sync, ctx, losses)
     jac = method.engine(losses, shared)
-    heads = _TaskGrads(method.engine, losses, shared, sync.model)
+    heads = _TaskGrads(method.engine, losses, shared, sync)
     p_total = jac.shape[1]
     plain = _is_plain_gramian(method)
     sharded = plain and (
@@ -673,9 +670,7 @@ def fixed_weights_backward(
         _run_parts(sync, method, parts, wrapper, own_global=False)
     else:
         sync.check_params_mode(method)
-        heads = _canonical(sync, leaves_reached([losses], exclude=shared))
-        shared_ids = {id(p) for p in shared}
-        heads = [p for p in heads if id(p) not in shared_ids]
+        heads = _canonical(sync, leaves_reached([losses], exclude=shared), exclude=shared)
         leaves = shared + heads
         grads = _grads([total], [torch.ones_like(total)], leaves)
         ref = total.detach()

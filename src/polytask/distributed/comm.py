@@ -1,12 +1,14 @@
 """The collectives polytask's distributed balancing uses, with their payload recorded.
 
 Every collective goes through one :class:`Communicator`, which appends ``(operation,
-elements)`` to :attr:`Communicator.log`, so the communication volume of a step is
-observable (the tests check it against the documented one, see ``docs/distributed.md``).
+elements)`` to :attr:`Communicator.log` (the most recent ones: a training run does not grow
+it), so the communication volume of a step is observable (the tests check it against the
+documented one, see ``docs/distributed.md``).
 """
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,8 +27,8 @@ class Communicator:
     """
 
     group: Any = None
-    #: ``(operation, number of elements)`` of every collective since the last ``clear()``.
-    log: list[tuple[str, int]] = field(default_factory=list)
+    #: ``(operation, number of elements)`` of the last 256 collectives since ``clear()``.
+    log: deque[tuple[str, int]] = field(default_factory=lambda: deque(maxlen=256))
 
     @property
     def world_size(self) -> int:

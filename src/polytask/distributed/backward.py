@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from polytask.autograd import accumulate_grads, gramian, leaves_reached
+from polytask.distributed.sync import task_counts
 from polytask.errors import DistributedError
 
 if TYPE_CHECKING:
@@ -39,16 +40,8 @@ __all__ = ["fixed_weights_backward", "gradient_backward", "loss_backward", "redu
 
 
 def _counts(ctx: dict[str, Any], losses: Tensor) -> Tensor:
-    """This rank's number of samples of each task [K] (``num_samples``: one number for
-    every task, or one per task; default 1: equal shares), in float64 on the losses' device."""
-    n = ctx.pop("num_samples", None)
-    k = losses.shape[0]
-    like = losses.detach()
-    if n is None:
-        return torch.ones(k, dtype=torch.float64, device=like.device)
-    if isinstance(n, Tensor) and n.dim() == 1:
-        return n.detach().to(like.device, torch.float64)
-    return torch.full((k,), float(n), dtype=torch.float64, device=like.device)
+    """This rank's per-task counts from (and out of) ``ctx``; see :func:`task_counts`."""
+    return task_counts(ctx.pop("num_samples", None), losses.shape[0], losses.device)
 
 
 def _reduce_xi_jacobians(method: Any, ctx: dict[str, Any], mode: str) -> None:

@@ -24,6 +24,7 @@ __all__ = [
     "local",
     "rank_and_world",
     "require_decision",
+    "task_counts",
 ]
 
 ParamsStrategy = Literal["auto", "full", "sharded"]
@@ -162,15 +163,20 @@ class DistributedSync:
         ``num_samples``: this rank's count, one for every task or one per task."""
         k = losses.shape[0]
         like = losses.detach()
-        if num_samples is None:
-            n = torch.ones(k, dtype=torch.float64, device=like.device)
-        elif isinstance(num_samples, Tensor) and num_samples.dim() == 1:
-            n = num_samples.detach().to(like.device, torch.float64)
-        else:
-            n = torch.full((k,), float(num_samples), dtype=torch.float64, device=like.device)
+        n = task_counts(num_samples, k, like.device)
         payload = torch.cat([n, n * like.double()])
         self.comm.all_reduce(payload)
         return (payload[k:] / payload[:k]).to(like.dtype)
+
+
+def task_counts(num_samples: Any, k: int, device: torch.device) -> Tensor:
+    """This rank's number of samples of each task [K] in float64 on ``device``, from
+    ``num_samples``: one number for every task, a tensor of one per task, or ``None`` (1:
+    equal shares)."""
+    if isinstance(num_samples, Tensor) and num_samples.dim() == 1:
+        return num_samples.detach().to(device, torch.float64)
+    value = 1.0 if num_samples is None else float(num_samples)
+    return torch.full((k,), value, dtype=torch.float64, device=device)
 
 
 def rank_and_world() -> tuple[int, int]:

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from polytask.autograd import JacobianEngine, accumulate_grads, gramian, leaves_reached
-from polytask.distributed.sync import require_decision
+from polytask.distributed.sync import require_decision, task_counts
 from polytask.errors import (
     EmptyParametersError,
     InvalidContextError,
@@ -439,14 +439,7 @@ class Method(nn.Module):
         if not isinstance(losses, Tensor) or losses.shape != (k,):
             check_losses(losses, k)  # raises, naming the problem
         device = losses.device
-        number = ctx.pop("num_samples", None)
-        if isinstance(number, Tensor) and number.dim() == 1:
-            counts = number.to(device, torch.float64)
-        else:
-            counts = torch.full(
-                (k,), 1.0 if number is None else float(number), device=device, dtype=torch.float64
-            )
-        counts = counts * present.to(device)
+        counts = task_counts(ctx.pop("num_samples", None), k, device) * present.to(device)
         totals = self.sync.comm.all_reduce(counts.clone())
         index = (totals > 0).nonzero().flatten().cpu()
         local = present.cpu()

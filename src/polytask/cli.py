@@ -426,7 +426,7 @@ def _cmd_list(args: argparse.Namespace, console: Console) -> int:
 
 
 def _cmd_run(args: argparse.Namespace, console: Console) -> int:
-    from polytask.train.launch import launch_torchrun, torchrun_process_group
+    from polytask.train.launch import exit_worker, launch_torchrun, torchrun_process_group
 
     if args.nproc is not None and args.nproc > 1 and not _under_torchrun():
         return launch_torchrun(args.argv, args.nproc)
@@ -435,7 +435,8 @@ def _cmd_run(args: argparse.Namespace, console: Console) -> int:
     with torchrun_process_group(args.device) as (rank, device):
         args.device = device
         # Every rank trains; rank 0 alone talks and writes the store.
-        return _cmd_run_here(args, console if rank == 0 else Console(quiet=True))
+        code = _cmd_run_here(args, console if rank == 0 else Console(quiet=True))
+    exit_worker(code)
 
 
 def _under_torchrun() -> bool:

@@ -24,6 +24,7 @@ from torch import nn
 import polytask
 from polytask.distributed import distribute, local
 from polytask.methods.context import CONTEXT
+from polytask.train.launch import exit_worker
 
 K = 3
 #: Rank r holds these rows of the global batch (uneven on purpose).
@@ -81,6 +82,7 @@ def _entry(rank: int, world: int, port: int, out: str, scenario: str) -> None:
     torch.save(report, Path(out) / f"rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()
+    exit_worker(0)  # gloo's threads may outlive the group: no interpreter shutdown (see there)
 
 
 # -- helpers ----------------------------------------------------------------------------------

@@ -3,12 +3,27 @@ writes the store."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from polytask.cli import main
 from polytask.results import ResultsStore
 from polytask.train.launch import without_nproc
+
+EXIT_WORKER = """
+import logging, sys
+from polytask.train.launch import exit_worker
+logging.basicConfig(stream=sys.stderr)
+logging.getLogger("w").warning("logged")
+print("printed", end="")
+sys.stderr.write("written")
+exit_worker(3)
+print("never")
+"""
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available(), reason="torch.distributed is not available"
@@ -18,6 +33,22 @@ pytestmark = pytest.mark.skipif(
 def test_without_nproc() -> None:
     argv = ["run", "b", "--nproc", "2", "--method", "ew", "--nproc=3", "--seeds", "0"]
     assert without_nproc(argv) == ["run", "b", "--method", "ew", "--seeds", "0"]
+
+
+def test_exit_worker_flushes_and_leaves_with_the_code() -> None:
+    """A worker leaves without the interpreter's shutdown, but nothing it printed or logged
+    is lost and torchrun sees its exit code."""
+    buffered = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    done = subprocess.run(
+        [sys.executable, "-c", EXIT_WORKER],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=buffered,
+    )
+    assert done.returncode == 3
+    assert done.stdout == "printed"
+    assert "logged" in done.stderr and done.stderr.endswith("written")
 
 
 def test_run_on_two_processes_matches_one(tmp_path) -> None:

@@ -8,8 +8,6 @@ them over seeds, which is what Δm is measured against.
 
 from __future__ import annotations
 
-import platform
-import subprocess
 import traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
@@ -23,6 +21,7 @@ from polytask.data import benchmark as benchmarks
 from polytask.distributed import rank_and_world
 from polytask.results.store import ResultsStore, RunSpec, _dumps, _loads
 from polytask.tasks import TaskSet
+from polytask.train.provenance import provenance
 from polytask.train.trainer import TrainConfig, Trainer
 
 __all__ = ["STL", "RunSetupError", "baseline_scores", "run", "run_baselines"]
@@ -36,29 +35,6 @@ class RunSetupError(polytask.errors.PolytaskError, ValueError):
 STL = "stl"
 
 _DATA_CACHE: dict[tuple[str, int, str | None, tuple], dict[str, Any]] = {}
-
-
-def _git_commit() -> str | None:
-    try:
-        root = Path(__file__).resolve().parents[3]
-        out = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
-
-
-def provenance() -> dict[str, Any]:
-    return {
-        "polytask_version": polytask.__version__,
-        "torch_version": torch.__version__,
-        "git_commit": _git_commit(),
-        "python": platform.python_version(),
-    }
 
 
 def _datasets(bench: benchmarks.Benchmark, root: str | None, options: Mapping[str, Any]):

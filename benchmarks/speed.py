@@ -87,10 +87,15 @@ class Problem:
         for p in self.parameters():
             p.grad = None
 
-    def forward(self, reduction: str = "mean") -> tuple[Tensor, list[Tensor]]:
+    def forward(
+        self, reduction: str = "mean", views: Callable[[Tensor], list[Tensor]] | None = None
+    ) -> tuple[Tensor, list[Tensor]]:
+        """The features and the task losses; with ``views`` (a method's ``task_views``,
+        RotoGrad's rotations) head k reads view k of the features."""
         features = self.encoder(self.x)
+        inputs = [features] * self.num_tasks if views is None else views(features)
         return features, [
-            self.loss(h(features), y, reduction=reduction) for h, y in zip(self.heads, self.ys)
+            self.loss(h(z), y, reduction=reduction) for h, z, y in zip(self.heads, inputs, self.ys)
         ]
 
 
@@ -212,16 +217,17 @@ def _method_step(p: Problem, method: polytask.methods.Method, mode: str) -> Call
     shared = p.shared()
     fixed = {k: CONTEXT[k].example(p.num_tasks) for k in method.needs if k != "sample_losses"}
     per_sample = "sample_losses" in method.needs
+    views = method.task_views if method.has_task_views else None
 
     def step() -> None:
         p.zero_grad()
         ctx = dict(fixed)
         if per_sample:
-            features, samples = p.forward(reduction="none")
+            features, samples = p.forward(reduction="none", views=views)
             ctx["sample_losses"] = samples
             losses = [s.mean() for s in samples]
         else:
-            features, losses = p.forward()
+            features, losses = p.forward(views=views)
         method.backward(
             torch.stack(losses), shared_params=shared, features=features, mode=mode, **ctx
         )
@@ -232,12 +238,23 @@ def _method_step(p: Problem, method: polytask.methods.Method, mode: str) -> Call
     return step
 
 
-def _method_kwargs(cls: type, strategy: str | None) -> dict[str, Any]:
+#: Extra rows: a method with other hyper-parameters than its defaults (given the problem).
+VARIANTS: dict[str, list[Callable[[Problem], dict[str, Any]]]] = {
+    # Its cost is K matrix exponentials of the rotated block a step: rotating an eighth of
+    # the representation's coordinates is the official code's remedy for wide ones.
+    "rotograd": [lambda p: {"rotation_size": p.heads[0].in_features // 8}],
+}
+
+
+def _method_kwargs(cls: type, strategy: str | None, p: Problem) -> dict[str, Any]:
     kw: dict[str, Any] = {}
     if cls.stochastic:
         kw["seed"] = 0
     if strategy is not None and issubclass(cls, GradientMethod):
         kw["jacobian_strategy"] = strategy
+    if cls.has_task_views:
+        # Built with the representation's size, as a training loop must (RotoGrad).
+        kw["latent_size"] = p.heads[0].in_features
     return kw
 
 
@@ -255,20 +272,21 @@ def polytask_rows(
         else:
             continue
         for mode in modes:
-            label = name if mode == "loss" else f"{name} [{mode}]"
-            row = Row(label, "polytask", mode, step=lambda: None)
-            if p.num_tasks < cls.min_tasks:
-                row.error = f"n/a (needs K >= {cls.min_tasks})"
-            else:
-                try:
-                    strategy = strategies.get("features" if mode == "features" else "params")
-                    method = polytask.methods.create(
-                        name, p.num_tasks, **_method_kwargs(cls, strategy)
-                    )
-                    row.step = _method_step(p, method, "params" if mode == "loss" else mode)
-                except Exception as exc:  # a broken method must not stop the benchmark
-                    row.error = f"error: {type(exc).__name__}: {exc}"[:100]
-            rows.append(row)
+            for variant in [{}, *(make(p) for make in VARIANTS.get(name, []))]:
+                label = name if mode == "loss" else f"{name} [{mode}]"
+                label += "".join(f" {key}={value}" for key, value in variant.items())
+                row = Row(label, "polytask", mode, step=lambda: None)
+                if p.num_tasks < cls.min_tasks:
+                    row.error = f"n/a (needs K >= {cls.min_tasks})"
+                else:
+                    try:
+                        strategy = strategies.get("features" if mode == "features" else "params")
+                        kwargs = {**_method_kwargs(cls, strategy, p), **variant}
+                        method = polytask.methods.create(name, p.num_tasks, **kwargs)
+                        row.step = _method_step(p, method, "params" if mode == "loss" else mode)
+                    except Exception as exc:  # a broken method must not stop the benchmark
+                        row.error = f"error: {type(exc).__name__}: {exc}"[:100]
+                rows.append(row)
     return rows
 
 
@@ -547,7 +565,7 @@ def own_work(
         if not issubclass(cls, GradientMethod) or cls.needs or p.num_tasks < cls.min_tasks:
             continue
         try:
-            m = polytask.methods.create(name, p.num_tasks, **_method_kwargs(cls, None))
+            m = polytask.methods.create(name, p.num_tasks, **_method_kwargs(cls, None, p))
             if issubclass(cls, GramianMethod):
                 what = "weights from G"
                 t = timed(lambda m=m: m._weights(g, losses=detached, param_sizes=sizes))
@@ -735,6 +753,7 @@ def write_report(
                 lines.append(f"| K={k}, {mode} | " + " | ".join(cells) + f" | {choice} |")
             lines.append("")
     lines += flop_notes(args)
+    lines += rotograd_notes(args)
     if work:
         lines += [
             f"## Method's own work (K = {work_k}, {work_model.upper()} params-mode Jacobian)",
@@ -801,6 +820,28 @@ def flop_notes(args: argparse.Namespace) -> list[str]:
             else "`GramianMethod.backward` does not take that path yet (it forms J, then "
             "G = J Jᵀ and w @ J), so features mode still pays for J at large K."
         ),
+        "",
+    ]
+
+
+def rotograd_notes(args: argparse.Namespace) -> list[str]:
+    """Why RotoGrad's rows stand apart: its rotations cost the same whatever the batch."""
+    if not args.describe:
+        return []
+    d = make_problem(next(iter(args.describe)), 1, quick=args.quick).heads[0].in_features
+    return [
+        "## Why RotoGrad costs more",
+        "",
+        f"RotoGrad's heads read rotated copies R_k z of the {d}-dimensional representation. "
+        "Each step makes the K rotations from their generators by a matrix exponential "
+        f"(K {d} x {d} exponentials for the forward and again for the rotation objective) and "
+        "differentiates the objective through them (torch does that by the exponential of a "
+        f"{2 * d} x {2 * d} block matrix per task): O(K d³) work that does not shrink with "
+        "the batch, so its ratio to EW grows with K and is largest on the cheap MLP step. "
+        "The exponential map is the paper's parametrisation (the official code uses "
+        "geotorch's `expm`). `rotation_size=m` rotates only the first m coordinates, as a "
+        "rotation smaller than the representation does in the official code, and the cost "
+        "falls as m³: the `rotation_size` row.",
         "",
     ]
 

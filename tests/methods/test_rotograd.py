@@ -197,6 +197,53 @@ def test_invalid_hyperparameters_are_named(hparam, value):
         polytask.methods.create("rotograd", 2, **{hparam: value})
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"rotation_size": 3}, "rotation_size=3 needs latent_size"),
+        ({"latent_size": 4, "rotation_size": 5}, "rotation_size=5 must be at most"),
+        ({"latent_size": 4, "rotation_size": 0}, "rotation_size=0 must be a positive"),
+    ],
+)
+def test_invalid_rotation_size_is_named(kwargs, match):
+    with pytest.raises(InvalidHyperparameterError, match=match):
+        polytask.methods.create("rotograd", 2, **kwargs)
+
+
+def test_a_smaller_rotation_turns_the_leading_coordinates_only():
+    """rotation_size=m: R_k (m x m) rotates z's first m coordinates and leaves the rest
+    (the official code's rotation smaller than the representation); the rotation objective
+    is the full one's with R_k = diag(R_k^m, I), whose gradient is the m x m block's."""
+    k, d, m = 2, 5, 3
+    problem = tiny_problem(k, seed=1)
+    method = polytask.methods.create("rotograd", k, latent_size=d, rotation_size=m)
+    assert method.rotation.generator_params.shape == (k, m, m)
+    with torch.no_grad():
+        method.rotation.generator_params.normal_(0, 0.5, generator=torch.Generator().manual_seed(3))
+    z = problem.encoder(problem.x)
+    r = method.rotation.matrices().double()
+    for zk, rk in zip(method.rotate(z), r):
+        torch.testing.assert_close(zk[:, :m], z[:, :m] @ rk.T)
+        torch.testing.assert_close(zk[:, m:], z[:, m:])
+    # Independent objective: the full d x d rotation with an identity block.
+    losses, z = _rotated_losses(problem, method)
+    g = torch.stack([torch.autograd.grad(losses[i], z, retain_graph=True)[0] for i in range(k)])
+    gbar_norm = g.mean(0).norm()
+    v = sum(g[i] * gbar_norm / g[i].norm() for i in range(k)) / k
+    params = method.rotation.generator_params
+    full = torch.eye(d, dtype=torch.float64).repeat(k, 1, 1)
+    full[:, :m, :m] = method.rotation.matrices().double()
+    objective = sum(
+        ((v @ full[i].T - g[i] @ full[i].detach().T) ** 2).sum(-1).mean() for i in range(k)
+    )
+    (expected,) = torch.autograd.grad(objective, params)
+    result = method.backward(losses, shared_params=problem.shared(), features=z, mode="features")
+    torch.testing.assert_close(params.grad, expected.to(params.dtype), rtol=1e-4, atol=1e-7)
+    assert result.extras["rotation_loss"] == pytest.approx(float(objective.detach()), rel=1e-5)
+    # m = d is the full rotation.
+    assert polytask.methods.create("rotograd", k, latent_size=d, rotation_size=d).rotation.size == d
+
+
 def test_backward_on_a_tiny_model_features_mode():
     """The plain tiny model (heads read z directly) runs in features mode, K = 3."""
     k = 3

@@ -205,6 +205,48 @@ def test_method_parameters_created_at_the_first_step_are_an_error():
     fine.fit()
 
 
+def test_rotograd_heads_read_the_rotated_representation():
+    """As in the paper (and its official code, which puts R_k in front of head k), the
+    Trainer feeds head k the rotated representation R_k z, in training and in evaluation;
+    the rotations are trained by RotoGrad's objective."""
+    torch.manual_seed(0)
+    method = polytask.methods.create("rotograd", 2, latent_size=16)
+    with torch.no_grad():
+        method.rotation.generator_params.normal_(0, 0.5)
+    t = Trainer(
+        TinyNet(),
+        tiny_tasks(),
+        method,
+        lambda params: torch.optim.SGD(params, lr=0.05),
+        TwoTaskData(8, 0),
+        TwoTaskData(8, 1),
+        config=TrainConfig(epochs=1, batch_size=4, mode="features", select="loss"),
+    )
+    before = method.rotation.generator_params.detach().clone()
+    t.fit()
+    assert not torch.equal(before, method.rotation.generator_params)  # trained
+    data = TwoTaskData(8, 1)
+    model = t.model.eval()
+    with torch.no_grad():
+        z = model.encode(data.x)
+        r = method.rotation.matrices()
+        rotated = torch.nn.functional.mse_loss(model.decode(z @ r[0].T, "reg"), data.reg)
+        plain = torch.nn.functional.mse_loss(model(data.x)["reg"], data.reg)
+    val = t.evaluate("val")
+    assert val["losses"][0] == pytest.approx(float(rotated), rel=1e-5)
+    assert val["losses"][0] != pytest.approx(float(plain), rel=1e-3)
+    with pytest.raises(ValueError, match="needs mode='features'"):
+        Trainer(
+            TinyNet(),
+            tiny_tasks(),
+            polytask.methods.create("rotograd", 2, latent_size=16),
+            lambda params: torch.optim.SGD(params, lr=0.05),
+            TwoTaskData(8, 0),
+            TwoTaskData(8, 1),
+            config=TrainConfig(epochs=1, batch_size=4, mode="params", select="loss"),
+        )
+
+
 @pytest.mark.parametrize("method", ["auto_lambda", "moml"])
 def test_meta_methods_learn_their_weights_in_the_trainer(method, tmp_path):
     t = make_trainer(method, tmp_path / "a", epochs=1)

@@ -543,6 +543,18 @@ class Method(nn.Module):
     #: Whether the method has a bi-level meta step that loops call through
     #: ``method.meta_step(...)`` (:class:`polytask.methods.meta.MetaMethod`).
     needs_meta_step: ClassVar[bool] = False
+    #: Whether each task's head reads its own view of the shared representation, made by
+    #: :meth:`task_views` (RotoGrad's rotations); loops in features mode must feed the heads
+    #: these views, in training and in evaluation alike.
+    has_task_views: ClassVar[bool] = False
+
+    def task_views(self, features: Tensor) -> list[Tensor]:
+        """The K views of the shared representation ``features`` that the task heads read,
+        for methods with :attr:`has_task_views`."""
+        raise NotImplementedError(
+            f"{type(self).__name__} gives every task head the shared representation itself "
+            "(has_task_views is False); decode the features directly"
+        )
 
     def after_step(self, losses: Tensor, *, num_samples: float | None = None) -> None:
         """Called after ``optimizer.step()`` with the losses of the same batch, recomputed

@@ -21,31 +21,45 @@ class RotoGradRotation(nn.Module):
     """K learnable rotations of a d-dimensional shared representation, one per task.
 
     R_k = matrix_exp(A_k - A_k^T) with A_k the strictly upper triangle of a free parameter
-    (the exponential map onto SO(d), as the official code's ``geotorch.orthogonal(...,
+    (the exponential map onto SO(m), as the official code's ``geotorch.orthogonal(...,
     triv="expm")``), initialised at the identity. ``forward(z)`` returns the K rotated copies
     r_k = R_k z of ``z`` [..., d] (the rotation acts on the last dimension) computed with R_k
     *detached*: the task losses do not train the rotations; only RotoGrad's rotation objective
-    does (see :class:`RotoGrad`).
+    does (see :class:`RotoGrad`). With ``rotation_size`` m < d, R_k rotates the first m
+    coordinates and the others pass unchanged (the official code's rotation smaller than the
+    representation): K m x m exponentials instead of K d x d.
 
     Args:
         num_tasks: K.
         size: d, the size of the representation's last dimension.
+        rotation_size: m, how many leading coordinates rotate; default ``None`` (all d).
     """
 
-    def __init__(self, num_tasks: int, size: int) -> None:
+    def __init__(self, num_tasks: int, size: int, rotation_size: int | None = None) -> None:
         super().__init__()
-        for name, value in (("num_tasks", num_tasks), ("size", size)):
+        rotation_size = size if rotation_size is None else rotation_size
+        for name, value in (
+            ("num_tasks", num_tasks),
+            ("size", size),
+            ("rotation_size", rotation_size),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InvalidHyperparameterError(f"{name}={value!r} must be a positive integer")
+        if rotation_size > size:
+            raise InvalidHyperparameterError(
+                f"rotation_size={rotation_size} must be at most the representation's size "
+                f"{size} (it rotates that many leading coordinates)"
+            )
         self.num_tasks = num_tasks
         self.size = size
-        self.generator_params = nn.Parameter(torch.zeros(num_tasks, size, size))
+        self.rotation_size = rotation_size
+        self.generator_params = nn.Parameter(torch.zeros(num_tasks, rotation_size, rotation_size))
 
     def extra_repr(self) -> str:
-        return f"num_tasks={self.num_tasks}, size={self.size}"
+        return f"num_tasks={self.num_tasks}, size={self.size}, rotation_size={self.rotation_size}"
 
     def matrices(self) -> Tensor:
-        """The rotations R [K, d, d] (differentiable w.r.t. the parameters)."""
+        """The rotations R [K, m, m] (differentiable w.r.t. the parameters)."""
         a = torch.triu(self.generator_params, diagonal=1)
         return torch.linalg.matrix_exp(a - a.transpose(-1, -2))
 
@@ -56,7 +70,10 @@ class RotoGradRotation(nn.Module):
                 f"shape {tuple(z.shape)}"
             )
         r = self.matrices().detach().to(z.dtype)
-        return [z @ r[k].T for k in range(self.num_tasks)]
+        m = self.rotation_size
+        if m == self.size:
+            return [z @ r[k].T for k in range(self.num_tasks)]
+        return [torch.cat([z[..., :m] @ r[k].T, z[..., m:]], dim=-1) for k in range(self.num_tasks)]
 
 
 @register("rotograd")
@@ -108,6 +125,10 @@ class RotoGrad(GradientMethod):
         num_tasks: K.
         latent_size: d, the size of the last dimension of ``features``; default ``None``
             (created lazily, see above).
+        rotation_size: m <= d: only the first m coordinates of the representation rotate
+            (as a rotation smaller than the representation in the official code); the cost of
+            the rotations, K m x m matrix exponentials and their gradients a step, falls
+            with m^3. Default ``None``: all d (the paper's setting). Needs ``latent_size``.
         burn_in_period: step at which the reference norms ||g_k^0|| are re-taken; default 20
             (official code). 0 keeps those of the first step.
     Needs: ``mode="features"`` with ``features`` = z, the unrotated representation.
@@ -127,6 +148,7 @@ class RotoGrad(GradientMethod):
         num_tasks: int,
         *,
         latent_size: int | None = None,
+        rotation_size: int | None = None,
         burn_in_period: int = 20,
         **kwargs: Any,
     ) -> None:
@@ -146,13 +168,23 @@ class RotoGrad(GradientMethod):
             raise InvalidHyperparameterError(
                 f"burn_in_period={burn_in_period!r} must be an integer >= 0"
             )
+        if rotation_size is not None and latent_size is None:
+            raise InvalidHyperparameterError(
+                f"rotation_size={rotation_size!r} needs latent_size (the size of the "
+                "representation whose leading rotation_size coordinates rotate)"
+            )
         self.latent_size = latent_size
+        self.rotation_size = rotation_size
         self.burn_in_period = burn_in_period
         self.rotation: RotoGradRotation | None = (
-            RotoGradRotation(num_tasks, latent_size) if latent_size is not None else None
+            RotoGradRotation(num_tasks, latent_size, rotation_size)
+            if latent_size is not None
+            else None
         )
         self.register_buffer("initial_norms", torch.ones(num_tasks, dtype=torch.float64))
         self.register_buffer("counter", torch.zeros((), dtype=torch.long))
+
+    has_task_views: ClassVar[bool] = True
 
     # -- the rotations -------------------------------------------------------------------
     def rotate(self, z: Tensor) -> list[Tensor]:
@@ -161,6 +193,10 @@ class RotoGrad(GradientMethod):
             self._create_rotation(z.shape[-1], z.device)
         assert self.rotation is not None
         return self.rotation(z)
+
+    def task_views(self, features: Tensor) -> list[Tensor]:
+        """The heads' inputs R_k z (the Trainer feeds them in features mode)."""
+        return self.rotate(features)
 
     def _create_rotation(self, size: int, device: torch.device) -> None:
         warnings.warn(
@@ -214,17 +250,21 @@ class RotoGrad(GradientMethod):
                 f"RotoGrad was created with latent_size={self.rotation.size} but features have "
                 f"shape {tuple(features.shape)}; the rotations act on the last dimension"
             )
-        k = jacobian.shape[0]
+        k, m = jacobian.shape[0], self.rotation.rotation_size
         g = jacobian.detach().reshape(k, -1, size)  # [K, N, d]: rows of z
         mean_norm = jacobian.mean(dim=0).norm()
         factors = torch.where(norms > 0, mean_norm / norms.clamp_min(_TINY), 0.0)
         target = (g * factors[:, None, None]).mean(dim=0)  # v [N, d]
         with torch.enable_grad():
-            rot = self.rotation.matrices().to(jacobian.dtype)  # [K, d, d]
-            rotated_grads = torch.einsum("kij,knj->kni", rot.detach(), g)  # grad_{r_k} L_k
-            rotated_target = torch.einsum("kij,nj->kni", rot, target)
+            rot = self.rotation.matrices().to(jacobian.dtype)  # [K, m, m]
+            # grad_{r_k} L_k on the rotated coordinates, and R_k v there
+            rotated_grads = torch.einsum("kij,knj->kni", rot.detach(), g[..., :m])
+            rotated_target = torch.einsum("kij,nj->kni", rot, target[:, :m])
             loss = (rotated_target - rotated_grads).pow(2).sum(-1).mean(-1).sum()
             params = [p for p in self.rotation.parameters() if p.requires_grad]
             if params:
                 torch.autograd.backward(loss, inputs=params)
+        if m < size:
+            # The coordinates that do not rotate add a constant: the official objective's value.
+            loss = loss.detach() + (target[:, m:] - g[..., m:]).pow(2).sum(-1).mean(-1).sum()
         return float(loss.detach())

@@ -238,6 +238,11 @@ class Trainer:
                 f"mode='features' needs a model with encode/decode (a MultiTaskModel with "
                 f"has_shared_representation); {type(model).__name__} has none: use mode='params'"
             )
+        if method.has_task_views and config.mode != "features":
+            raise ValueError(
+                f"{type(method).__name__} feeds each task head its own view of the shared "
+                f"representation, which needs mode='features' (got mode={config.mode!r})"
+            )
         self.needs_extra = sorted(set(method.needs) - _SUPPLIED)
         if self.needs_extra and context_fn is None:
             raise ValueError(
@@ -457,11 +462,19 @@ class Trainer:
         return ctx
 
     # -- the loop ------------------------------------------------------------------------
+    def _decode(self, features: Tensor) -> dict[str, Tensor]:
+        """The task outputs from the shared representation; with a method that gives each
+        task its own view of it (RotoGrad's rotations), head k reads view k."""
+        if not self.method.has_task_views:
+            return self.model.decode(features)
+        views = self.method.task_views(features)
+        return {t: self.model.decode(v, task=t) for t, v in zip(self.tasks.names, views)}
+
     def _forward_losses(self, inputs: Any, targets: dict[str, Tensor]):
         with self._autocast():
             if self.config.mode == "features":
                 features = self.model.encode(inputs)
-                outputs = self.model.decode(features)
+                outputs = self._decode(features)
             else:
                 features, outputs = None, self.model(inputs)
             if self.train_loss is None:
@@ -652,7 +665,10 @@ class Trainer:
         for batch in loader:
             inputs, targets = self._to_device(batch)
             with self._autocast():
-                outputs = self.model(inputs)
+                if self.method.has_task_views:  # the heads read the method's views here too
+                    outputs = self._decode(self.model.encode(inputs))
+                else:
+                    outputs = self.model(inputs)
                 losses = self.tasks.losses(outputs, targets)
             # Each batch's mean loss weighted by its size, over the batches that label the
             # task: the split's mean, whatever the batch size (a batch without the task's

@@ -31,6 +31,15 @@ def test_checkout_commit_is_head_and_marks_edits(tmp_path: Path) -> None:
     assert prov.checkout_commit(tmp_path) == head
     (tmp_path / "a.py").write_text("x = 2\n")
     assert prov.checkout_commit(tmp_path) == head + "-dirty"
+    # Only edits under the code count when the code is named.
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "m.py").write_text("y = 1\n")
+    _git(tmp_path, "add", "pkg/m.py")
+    _git(tmp_path, "commit", "-q", "-m", "two")
+    head = _git(tmp_path, "rev-parse", "HEAD")
+    assert prov.checkout_commit(tmp_path, tmp_path / "pkg") == head
+    (tmp_path / "pkg" / "m.py").write_text("y = 2\n")
+    assert prov.checkout_commit(tmp_path, tmp_path / "pkg") == head + "-dirty"
 
 
 def test_checkout_commit_outside_a_checkout_is_none(tmp_path: Path) -> None:

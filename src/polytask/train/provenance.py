@@ -14,9 +14,10 @@ import polytask
 __all__ = ["checkout_commit", "provenance"]
 
 
-def checkout_commit(root: Path) -> str | None:
+def checkout_commit(root: Path, code: Path | None = None) -> str | None:
     """HEAD of the git checkout at ``root``, with ``-dirty`` appended when tracked files
-    differ from it; ``None`` when ``root`` is not a git checkout or git is missing."""
+    under ``code`` (default: the whole checkout) differ from it; ``None`` when ``root`` is not
+    a git checkout or git is missing."""
 
     def git(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -27,22 +28,28 @@ def checkout_commit(root: Path) -> str | None:
         head = git("rev-parse", "HEAD")
         if head.returncode != 0 or not head.stdout.strip():
             return None
-        dirty = git("diff", "--quiet", "HEAD", "--").returncode == 1
+        dirty = git("diff", "--quiet", "HEAD", "--", str(code or root)).returncode == 1
     except (OSError, subprocess.SubprocessError):
         return None
     return head.stdout.strip() + ("-dirty" if dirty else "")
 
 
+def _package() -> Path:
+    return Path(polytask.__file__).resolve().parent
+
+
 def _source_checkout() -> Path | None:
     # Only a source layout (CHECKOUT/src/polytask) names a checkout: an installed copy lives
     # in site-packages, whose enclosing repository (a venv inside some project) is not ours.
-    package = Path(polytask.__file__).resolve().parent
+    package = _package()
     return package.parents[1] if package.parent.name == "src" else None
 
 
 def _commit_at_import() -> str | None:
+    # Dirty means the package's code was edited; edits to docs or configs are not the code
+    # (a run records its recipe and hyper-parameters itself).
     root = _source_checkout()
-    return None if root is None else checkout_commit(root)
+    return None if root is None else checkout_commit(root, _package())
 
 
 #: Read once, when this process imports polytask's runner: a sweep whose checkout moves on

@@ -225,8 +225,8 @@ def equivalence(
         compare(f"{tag} step {i} grads", grads(reference), grads(model), failures)
         compare(
             f"{tag} step {i} method grads",
-            {n_: p.grad for n_, p in ref_method.named_parameters()},
-            {n_: p.grad for n_, p in method.named_parameters()},
+            grads(ref_method),
+            grads(method),
             failures,
         )
         opt_ref.step()
@@ -723,8 +723,8 @@ def rotograd(rank: int, world: int) -> dict[str, Any]:
         compare(f"rotograd step {i} grads", grads(reference), grads(model), failures)
         compare(
             f"rotograd step {i} rotation grads",
-            {n: p.grad for n, p in ref_method.named_parameters()},
-            {n: p.grad for n, p in method.named_parameters()},
+            grads(ref_method),
+            grads(method),
             failures,
         )
         for opt in opts:

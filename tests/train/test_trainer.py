@@ -178,31 +178,27 @@ def test_optimizer_must_hold_method_parameters():
         )
 
 
+def _sgd_trainer(method, *, lr, mode="features"):
+    """One epoch of batches of 4 on 8 samples, SGD, selected on the loss."""
+    return Trainer(
+        TinyNet(),
+        tiny_tasks(),
+        method,
+        lambda params: torch.optim.SGD(params, lr=lr),
+        TwoTaskData(8, 0),
+        TwoTaskData(8, 1),
+        config=TrainConfig(epochs=1, batch_size=4, mode=mode, select="loss"),
+    )
+
+
 def test_method_parameters_created_at_the_first_step_are_an_error():
     # RotoGrad without latent_size builds its rotations at its first backward, after the
     # optimizer: they would never train.
-    t = Trainer(
-        TinyNet(),
-        tiny_tasks(),
-        polytask.methods.create("rotograd", 2),
-        lambda params: torch.optim.SGD(params, lr=0.1),
-        TwoTaskData(8, 0),
-        TwoTaskData(8, 1),
-        config=TrainConfig(epochs=1, batch_size=4, mode="features", select="loss"),
-    )
+    t = _sgd_trainer(polytask.methods.create("rotograd", 2), lr=0.1)
     with pytest.warns(UserWarning, match="RotoGrad created its rotations"):
         with pytest.raises(ValueError, match="latent_size"):
             t.fit()
-    fine = Trainer(
-        TinyNet(),
-        tiny_tasks(),
-        polytask.methods.create("rotograd", 2, latent_size=16),
-        lambda params: torch.optim.SGD(params, lr=0.1),
-        TwoTaskData(8, 0),
-        TwoTaskData(8, 1),
-        config=TrainConfig(epochs=1, batch_size=4, mode="features", select="loss"),
-    )
-    fine.fit()
+    _sgd_trainer(polytask.methods.create("rotograd", 2, latent_size=16), lr=0.1).fit()
 
 
 def test_rotograd_heads_read_the_rotated_representation():
@@ -213,15 +209,7 @@ def test_rotograd_heads_read_the_rotated_representation():
     method = polytask.methods.create("rotograd", 2, latent_size=16)
     with torch.no_grad():
         method.rotation.generator_params.normal_(0, 0.5)
-    t = Trainer(
-        TinyNet(),
-        tiny_tasks(),
-        method,
-        lambda params: torch.optim.SGD(params, lr=0.05),
-        TwoTaskData(8, 0),
-        TwoTaskData(8, 1),
-        config=TrainConfig(epochs=1, batch_size=4, mode="features", select="loss"),
-    )
+    t = _sgd_trainer(method, lr=0.05)
     before = method.rotation.generator_params.detach().clone()
     t.fit()
     assert not torch.equal(before, method.rotation.generator_params)  # trained
@@ -236,15 +224,7 @@ def test_rotograd_heads_read_the_rotated_representation():
     assert val["losses"][0] == pytest.approx(float(rotated), rel=1e-5)
     assert val["losses"][0] != pytest.approx(float(plain), rel=1e-3)
     with pytest.raises(ValueError, match="needs mode='features'"):
-        Trainer(
-            TinyNet(),
-            tiny_tasks(),
-            polytask.methods.create("rotograd", 2, latent_size=16),
-            lambda params: torch.optim.SGD(params, lr=0.05),
-            TwoTaskData(8, 0),
-            TwoTaskData(8, 1),
-            config=TrainConfig(epochs=1, batch_size=4, mode="params", select="loss"),
-        )
+        _sgd_trainer(polytask.methods.create("rotograd", 2, latent_size=16), lr=0.05, mode="params")
 
 
 @pytest.mark.parametrize("method", ["auto_lambda", "moml"])

@@ -142,6 +142,7 @@ class RotoGrad(GradientMethod):
     modes: ClassVar[frozenset[str]] = frozenset({"features"})
     # With K copies of g every task gets the same unit vector: the update is K C g / ||g||.
     properties: ClassVar[frozenset[str]] = frozenset({"aligned_direction"})
+    has_task_views: ClassVar[bool] = True  # the heads read R_k z (task_views)
 
     def __init__(
         self,
@@ -183,8 +184,6 @@ class RotoGrad(GradientMethod):
         )
         self.register_buffer("initial_norms", torch.ones(num_tasks, dtype=torch.float64))
         self.register_buffer("counter", torch.zeros((), dtype=torch.long))
-
-    has_task_views: ClassVar[bool] = True
 
     # -- the rotations -------------------------------------------------------------------
     def rotate(self, z: Tensor) -> list[Tensor]:
